@@ -1,0 +1,34 @@
+"""phicore: LoRA and QLoRA fine-tuning of Phi-2 and Phi-3 family models.
+
+This file only re-exports the public API. Names are resolved lazily so that
+`import phicore` stays cheap and each concept lives in its own module.
+"""
+
+from importlib import import_module
+
+# Imported eagerly: the function shares its module's name, and a lazy lookup would be
+# shadowed by the submodule once anything imports `phicore.generate`.
+from .generate import generate
+
+_PUBLIC_API = {
+    "ModelConfig": "phicore.config",
+    "PRESETS": "phicore.config",
+    "load_model": "phicore.weights",
+    "save_model": "phicore.weights",
+    "PhiForCausalLM": "phicore.model",
+    "KVCache": "phicore.layers",
+    "load_tokenizer": "phicore.tokenizer",
+    "Tokenizer": "phicore.tokenizer",
+    "apply_lora": "phicore.lora",
+    "save_adapter": "phicore.lora",
+    "load_adapter": "phicore.lora",
+}
+
+__all__ = sorted([*_PUBLIC_API, "generate"])
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _PUBLIC_API:
+        return getattr(import_module(_PUBLIC_API[name]), name)
+    raise AttributeError(f"module 'phicore' has no attribute {name!r}")

@@ -1,0 +1,40 @@
+"""Resolve what a user typed (preset name, hub id or local folder) to a local folder.
+
+Downloads fetch only safetensors, json and tokenizer files: never pickle weights. Setting
+HF_HUB_OFFLINE=1 makes huggingface-hub answer from its cache only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import PRESETS
+
+# What a model folder needs: weights (safetensors only), configs, tokenizer files.
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.jinja", "tokenizer.model"]
+
+
+def hub_id_for(name_or_path: str) -> str:
+    """A preset name maps to its hub id; anything else is returned unchanged."""
+    return PRESETS.get(name_or_path, name_or_path)
+
+
+def resolve_model_dir(name_or_path) -> Path:
+    """Return a local folder for a preset name, a hub id or a folder path."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    repo_id = hub_id_for(name)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix
+    if looks_like_path or "/" not in repo_id:
+        known = ", ".join(sorted(PRESETS))
+        raise FileNotFoundError(
+            f"{name}: no such folder, and not a preset ({known}) or a hub id like 'microsoft/phi-2'"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS))
+    except Exception as err:  # network, auth, offline mode with an empty cache, ...
+        raise FileNotFoundError(f"{repo_id}: could not download from the Hugging Face hub ({err})") from None

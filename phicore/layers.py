@@ -1,0 +1,260 @@
+"""Building blocks of the Phi decoders: norms, rotary embeddings, attention, MLPs, KV cache.
+
+Shapes: B batch, T query tokens, S key/value tokens (past + new), D hidden size,
+H query heads, KV key/value heads, d head dim, R rotary dims (R <= d).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """Phi-3's RMSNorm: normalise in fp32, cast back to the input dtype, THEN scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: Optional[int] = None) -> nn.Module:
+    dim = dim or config.hidden_size
+    if config.layout.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+# ----------------------------------------------------------------------------- rotary
+class RotaryEmbedding:
+    """NeoX-style (half-split) rotary position embedding over the first R dims of each head.
+
+    Holds no tensors: inverse frequencies are recomputed per forward (R/2 numbers), so the
+    model can be built on the meta device without buffers to re-initialise.
+
+    Longrope (Phi-3 128k, Phi-3.5, Phi-4-mini): inv_freq = 1 / (ext * theta^(2i/R)) where ext
+    is the long factor list when the sequence (max position + 1) exceeds the original
+    training length and the short list otherwise; cos and sin are multiplied by the
+    attention factor always.
+    """
+
+    def __init__(self, config: ModelConfig):
+        self.dim = config.rotary_dim
+        self.theta = config.rope_theta
+        self.longrope = config.rope_type == "longrope"
+        self.original_max = config.original_max_position_embeddings
+        self.short_factor = config.rope_short_factor
+        self.long_factor = config.rope_long_factor
+        self.scaling = config.attention_scaling
+
+    def uses_long_factors(self, seq_len: int) -> bool:
+        return self.longrope and seq_len > self.original_max
+
+    def inv_freq(self, seq_len: int, device) -> torch.Tensor:
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim  # (R/2,)
+        if not self.longrope:
+            return 1.0 / (self.theta**exponent)
+        factors = self.long_factor if self.uses_long_factors(seq_len) else self.short_factor
+        ext = torch.tensor(factors, dtype=torch.float32, device=device)
+        return 1.0 / (ext * self.theta**exponent)
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids (B, T) -> cos, sin (B, T, R) in `dtype`."""
+        seq_len = int(position_ids.max()) + 1 if self.longrope else 0
+        inv_freq = self.inv_freq(seq_len, position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, R/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, R)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, d); cos/sin (B, T, R). Rotates the first R dims, passes the rest."""
+    rot_dim = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, R)
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    x_rot = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+# ----------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Preallocated keys and values for every layer: (B, KV, max_len, d) each.
+
+    `length` counts the positions filled so far; the model advances it once per forward,
+    after all layers have written their new keys and values.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+        self.uses_long_rope = False  # set by generation: which longrope factors the keys carry
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, KV, T, d) after the filled part; return all keys/values (B, KV, S, d)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions requested, {self.max_len} allocated")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, num_tokens: int):
+        self.length += num_tokens
+
+    def reset(self):
+        self.length = 0
+
+
+# ----------------------------------------------------------------------------- masks
+def build_attention_mask(
+    attention_mask: Optional[torch.Tensor],
+    num_queries: int,
+    past_len: int,
+    sliding_window: Optional[int],
+    device,
+) -> Optional[torch.Tensor]:
+    """Combine causality, padding and the sliding window into one bool mask (B|1, 1, T, S),
+    True where query i may attend key j. Returns None when plain causal attention suffices
+    (SDPA's fast `is_causal` path).
+
+    A (B, 1, T, S) bool mask passed in (e.g. block-diagonal for packed sequences) is used as
+    given. Query rows that may attend nothing (left padding) are opened to every key, as
+    transformers does, so no NaN is produced; those positions are padding and unused.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.to(device=device, dtype=torch.bool)
+    total = past_len + num_queries
+    window_cuts = sliding_window is not None and total > sliding_window
+    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    if not window_cuts and not has_padding and (past_len == 0 or num_queries == 1):
+        return None  # plain causal (or one query seeing every key)
+    q_pos = torch.arange(past_len, total, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(total, device=device)[None, :]  # (1, S)
+    allowed = k_pos <= q_pos  # (T, S)
+    if window_cuts:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if has_padding:
+        allowed = allowed & attention_mask[:, None, None, :total].to(device=device, dtype=torch.bool)
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed
+
+
+# ----------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    """Multi-head attention with GQA, partial rotary, optional q/k LayerNorm, KV cache.
+
+    Projection names follow the checkpoint: Phi-2 q_proj/k_proj/v_proj/dense with biases,
+    Phi-3 one qkv_proj [Q | K | V] and o_proj without.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        layout = config.layout
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        self.upcast = layout.upcast_attention
+        self.fused_qkv = layout.fused_qkv
+        D, d, H, KV = config.hidden_size, config.head_dim, self.num_heads, self.num_kv_heads
+        if layout.fused_qkv:
+            self.qkv_proj = nn.Linear(D, (H + 2 * KV) * d, bias=layout.linear_bias)
+        else:
+            self.q_proj = nn.Linear(D, H * d, bias=layout.linear_bias)
+            self.k_proj = nn.Linear(D, KV * d, bias=layout.linear_bias)
+            self.v_proj = nn.Linear(D, KV * d, bias=layout.linear_bias)
+        self.out_name = layout.attn_out_name
+        self.add_module(self.out_name, nn.Linear(H * d, D, bias=layout.linear_bias))
+        if config.qk_layernorm:
+            self.q_layernorm = nn.LayerNorm(d, eps=config.norm_eps)
+            self.k_layernorm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.qk_layernorm = config.qk_layernorm
+
+    def project_qkv(self, x: torch.Tensor):
+        """x (B, T, D) -> q (B, T, H*d), k and v (B, T, KV*d)."""
+        if self.fused_qkv:
+            H, KV, d = self.num_heads, self.num_kv_heads, self.head_dim
+            return self.qkv_proj(x).split([H * d, KV * d, KV * d], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache]):
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, d)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KV, d)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_layernorm:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, d)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)  # (B, H, S, d): query head j uses kv head j // groups
+            v = v.repeat_interleave(groups, dim=1)
+        out_dtype = q.dtype
+        if self.upcast and q.dtype == torch.float16:
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+            scale=self.head_dim**-0.5,
+        )  # (B, H, T, d)
+        out = out.to(out_dtype).transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return getattr(self, self.out_name)(out)  # (B, T, D)
+
+
+# ----------------------------------------------------------------------------- MLPs
+class GeluMLP(nn.Module):
+    """Phi-2: fc2(gelu_tanh(fc1(x))), both with bias."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.layout.linear_bias)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.layout.linear_bias)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class GatedMLP(nn.Module):
+    """Phi-3: gate, up = gate_up_proj(x).chunk(2) (gate first); down_proj(up * silu(gate))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        bias = config.layout.linear_bias
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        return self.down_proj(up * F.silu(gate))
+
+
+def make_mlp(config: ModelConfig) -> nn.Module:
+    return GatedMLP(config) if config.layout.gated_mlp else GeluMLP(config)
