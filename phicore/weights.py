@@ -22,10 +22,13 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .hub import hub_id_for, resolve_model_dir
 from .model import PhiForCausalLM
+from .nf4 import NF4Linear, load_bnb_linear_state, quantize_model_linears, quantize_nf4
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+NF4_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
+DENSE_MODULES = ("lm_head",)  # kept dense under quantisation, as bitsandbytes does
 
 
 class CheckpointError(ValueError):
@@ -98,6 +101,8 @@ def read_header_shapes(files: Iterable[Path]) -> dict:
 def check_keys(model: nn.Module, shapes: dict, skip: Iterable[str] = ()) -> None:
     """Raise one CheckpointError listing missing keys, unexpected keys and shape mismatches."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    # a 4-bit layer's quant-state entry is JSON text stored as bytes: its length varies
+    expected.update({k: shapes[k][1] for k in expected if k.endswith(NF4_STATE_SUFFIX) and k in shapes})
     skip = set(skip)
     missing = sorted(k for k in expected if k not in shapes and k not in skip)
     unexpected = sorted(k for k in shapes if k not in expected and k not in skip)
@@ -128,28 +133,62 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-def stream_weights(model: nn.Module, shapes: dict, dtype: torch.dtype, device, skip: Iterable[str] = ()) -> None:
-    """Read each tensor once, cast it as it is read, and assign it into the model."""
+def stream_weights(model: nn.Module, shapes: dict, dtype: torch.dtype, device, skip: Iterable[str] = (),
+                   blocksize: int = 64, double_quant: bool = True) -> None:
+    """Read each tensor once, cast it as it is read, and assign it into the model.
+
+    A dense weight arriving for an NF4Linear is quantised on the device right away and its
+    dense copy dropped, so peak memory stays near the packed model plus one dense tensor.
+    Pre-quantised (bitsandbytes) layers are read as a group: packed bytes plus quant state.
+    """
     skip = set(skip)
+    prequantized = prequantized_layers(shapes)
     by_file = {}
     for key, (file, _) in shapes.items():
-        if key not in skip:
+        if key not in skip and key.rpartition(".weight")[0] not in prequantized and \
+                key.rpartition(".")[0] not in prequantized:
             by_file.setdefault(file, []).append(key)
     for file, keys in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as reader:
             for key in keys:
                 tensor = reader.get_tensor(key)
                 target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-                assign_tensor(model, key, tensor.to(device=device, dtype=target_dtype))
+                tensor = tensor.to(device=device, dtype=target_dtype)
+                module_path, _, leaf = key.rpartition(".")
+                module = model.get_submodule(module_path)
+                if isinstance(module, NF4Linear) and leaf == "weight":
+                    module.set_quantized(*quantize_nf4(tensor, blocksize, double_quant))
+                else:
+                    assign_tensor(model, key, tensor)
                 del tensor
+    for prefix in prequantized:
+        group = {k: _read_tensor(shapes, k) for k in shapes if k.startswith(prefix + ".")}
+        packed, state, bias = load_bnb_linear_state(prefix, group, device=device)
+        model.get_submodule(prefix).set_quantized(packed, state, None if bias is None else bias.to(dtype))
 
 
-def load_model(name_or_path, *, dtype=None, device=None) -> PhiForCausalLM:
+def prequantized_layers(shapes: dict) -> list:
+    """Module names that a checkpoint stores as bitsandbytes NF4 (`P.weight.quant_state...`)."""
+    return sorted(k[: -len(".weight" + NF4_STATE_SUFFIX)] for k in shapes if k.endswith(".weight" + NF4_STATE_SUFFIX))
+
+
+def _read_tensor(shapes: dict, key: str) -> torch.Tensor:
+    with safe_open(str(shapes[key][0]), framework="pt", device="cpu") as reader:
+        return reader.get_tensor(key)
+
+
+def load_model(name_or_path, *, dtype=None, device=None, quantize: Optional[str] = None,
+               double_quant: bool = True, blocksize: int = 64) -> PhiForCausalLM:
     """Load a Phi-2 / Phi-3 family checkpoint (preset name, hub id or local folder).
 
-    Returns the model in eval mode. dtype defaults to fp32 on CPU/MPS and bf16 (or fp16) on
-    CUDA; device defaults to the best available.
+    Returns the model in eval mode. dtype (the compute dtype) defaults to fp32 on CPU/MPS and
+    bf16 (or fp16) on CUDA; device defaults to the best available. `quantize="nf4"` stores
+    every linear layer but lm_head as NF4 (bitsandbytes' layout; double quantisation of the
+    scales unless `double_quant=False`); a checkpoint saved pre-quantised by bitsandbytes is
+    read as such whatever `quantize` says.
     """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r} is not supported (None or 'nf4')")
     folder = resolve_model_dir(name_or_path)
     config = ModelConfig.from_file(folder / "config.json")
     # Where the base came from, as adapters record it: the folder, or the hub id.
@@ -162,11 +201,17 @@ def load_model(name_or_path, *, dtype=None, device=None) -> PhiForCausalLM:
         model = PhiForCausalLM(config)
     shapes = read_header_shapes(checkpoint_files(folder))
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    prequantized = bool(prequantized_layers(shapes))
     try:
+        if prequantized:  # compare with the 4-bit layout the checkpoint was written in
+            quantize_model_linears(model, skip=DENSE_MODULES, compute_dtype=dtype)
         check_keys(model, shapes, skip=tied)
     except CheckpointError as err:
         raise CheckpointError(f"{folder}: {err}") from None
-    stream_weights(model, shapes, dtype, device, skip=tied)
+    if quantize and not prequantized:
+        quantize_model_linears(model, skip=DENSE_MODULES, blocksize=blocksize, double_quant=double_quant,
+                               compute_dtype=dtype)
+    stream_weights(model, shapes, dtype, device, skip=tied, blocksize=blocksize, double_quant=double_quant)
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
@@ -219,6 +264,20 @@ def save_state_dict(state: dict, directory, max_shard_bytes: int = DEFAULT_SHARD
     atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
 
 
+def bnb_quantization_config(layer: NF4Linear) -> dict:
+    """The `quantization_config` transformers needs to read a saved NF4 model with bitsandbytes."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": layer.double_quant,
+        "bnb_4bit_compute_dtype": str(layer.compute_dtype).replace("torch.", ""),
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": list(DENSE_MODULES),
+    }
+
+
 def save_model(model: PhiForCausalLM, directory, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Write a Hugging Face folder: config.json, generation_config.json and the weights."""
     directory = Path(directory)
@@ -230,6 +289,9 @@ def save_model(model: PhiForCausalLM, directory, max_shard_bytes: int = DEFAULT_
     save_state_dict(state, directory, max_shard_bytes)
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    nf4_layer = next((m for m in model.modules() if isinstance(m, NF4Linear)), None)
+    if nf4_layer is not None:
+        hf_config["quantization_config"] = bnb_quantization_config(nf4_layer)
     atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2))
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     if config.pad_token_id is not None:

@@ -1,0 +1,49 @@
+"""NF4 dequantisation in plain PyTorch: the reference for the Triton kernel and the CPU/MPS path.
+
+Math (fp32 throughout, one cast at the end; bit-identical to bitsandbytes' default backend):
+
+    scale[b] = absmax[b]                                                  (plain)
+    scale[b] = nested_code[absmax[b]] * nested_absmax[b // 256] + offset  (double quantisation)
+    W.flat[2j]   = code[packed[j] >> 4]  * scale[2j // blocksize]
+    W.flat[2j+1] = code[packed[j] & 0xF] * scale[(2j+1) // blocksize]
+    W = W.flat[:prod(shape)].view(shape).to(dtype)
+
+`state` is duck-typed (phicore.nf4.NF4State): absmax, shape, blocksize, code, nested_absmax,
+nested_code, offset, nested_blocksize. This package does not import phicore.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _blockwise_scale(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values (n,) fp32 * scales[i // blocksize] -> (n,) fp32; n need not divide by blocksize."""
+    n = values.numel()
+    n_blocks = scales.numel()
+    pad = n_blocks * blocksize - n
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    return (values.view(n_blocks, blocksize) * scales.view(n_blocks, 1)).view(-1)[:n]
+
+
+def nf4_absmax(state) -> torch.Tensor:
+    """Per-block float32 absmax, undoing the 8-bit double quantisation when there is one."""
+    if state.nested_absmax is None:
+        return state.absmax.float()
+    codes = state.nested_code[state.absmax.long()]  # (n_blocks,) fp32
+    # Two roundings (multiply, then add), exactly as bitsandbytes: no fused multiply-add.
+    return _blockwise_scale(codes, state.nested_absmax.float(), state.nested_blocksize) + state.offset
+
+
+def dequantize_nf4_torch(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """Packed uint8 [(n+1)//2, 1] + state -> dense weight of shape state.shape in `dtype`."""
+    n = math.prod(state.shape)
+    # One gather per byte: row b of `pairs` holds (code[b >> 4], code[b & 0xF]).
+    byte_values = torch.arange(256, device=packed.device)
+    pairs = torch.stack((state.code[byte_values >> 4], state.code[byte_values & 0xF]), dim=1)  # (256, 2)
+    values = pairs.float()[packed.reshape(-1).long()].view(-1)[:n]  # (n,) fp32, element 2j from the high nibble
+    weight = _blockwise_scale(values, nf4_absmax(state), state.blocksize)
+    return weight.view(state.shape).to(dtype)
