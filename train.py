@@ -3,6 +3,7 @@
 
     python train.py --model phi-2 --data humor.jsonl --out out/
     python train.py --model tiny-phi-2 --data examples/humor.jsonl     # offline demo, ~1 min on CPU
+    torchrun --nproc_per_node=4 train.py --model phi-2 --data humor.jsonl --out out/   # 4 GPUs, DDP
 
 Bad input (data file, flags, model folder) prints one line naming the problem and exits 2,
 before anything in --out is written or overwritten.
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--keep-last", type=int, default=2, help="checkpoints to keep")
     a("--early-stopping-patience", type=int, default=None, help="stop after N evaluations without improvement")
     a("--resume", default=None, help="checkpoint folder, or 'auto' for the latest in --out")
+    a("--stop-after", type=int, default=None,
+      help="write a checkpoint and stop once this many steps are done (job time limits); --resume auto continues")
+    _bool_flag(p, "fsdp", False, "under torchrun: shard the frozen base and the adapter across the GPUs with "
+                                 "FSDP2 (models that do not fit one GPU); not with --quantize")
+    a("--data-cache", default=None, help="tokenised dataset cache folder (default: $PHICORE_CACHE_DIR or "
+                                         "~/.cache/phicore/datasets)")
     a("--seed", type=int, default=42, help="seed for data order, LoRA init and dropout")
     a("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     a("--dtype", default=None, help="base weights dtype: fp32, bf16, fp16 (default: fp32 on CPU, bf16 on GPU)")
@@ -82,22 +89,35 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return _train(run, args)
+    finally:
+        run.dist.shutdown()
+
+
+def _train(run, args) -> int:
     from phicore.train import train
 
-    print(run.summary)
+    main_rank = run.dist.is_main
+    say = print if main_rank else (lambda *a, **k: None)
+    say(run.summary)
     try:
         result = train(run.model, run.train_plan, run.train_config, val_plan=run.val_plan,
-                       resume_from=run.resume_from, device=run.device, show_progress=not args.quiet)
+                       resume_from=run.resume_from, device=run.device, show_progress=not args.quiet,
+                       dist=run.dist)
     except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {err}", file=sys.stderr)
         return 1
     if result.interrupted:
         return 130
+    if result.paused:
+        return 0
     run.save_outputs(result)
     ppl = f", val perplexity {math.exp(result.best_val_loss):.2f}" if result.best_val_loss is not None else ""
-    print(f"done: {result.steps} steps in {result.seconds:.1f}s, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s, "
-          f"peak memory {result.peak_memory_bytes / 2**20:.0f} MiB, final loss {result.final_loss:.4f}{ppl}")
-    print(f"adapter written to {run.out_dir}")
+    say(f"done: {result.steps} steps in {result.seconds:.1f}s, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s, "
+        f"peak memory {result.peak_memory_bytes / 2**20:.0f} MiB, final loss {result.final_loss:.4f}{ppl}")
+    say(f"adapter written to {run.out_dir}")
     return 0
 
 

@@ -1,56 +1,112 @@
 """Hand-written kernels, each behind one function with a plain-PyTorch fallback.
 
-    dequantize_nf4(packed, state, dtype, backend=None)
+    dequantize_nf4(packed, state, dtype, backend=None)        NF4 -> dense weight
+    rms_norm(x, weight, eps, backend=None)                    Phi-3's RMSNorm, dL/dx only
+    layer_norm(x, weight, bias, eps, backend=None)            Phi-2's LayerNorm, dL/dx only
+    rotary_qk(q, k, cos, sin, inplace=True, backend=None)     RoPE on q and k (B, T, heads, d)
+    swiglu(gate_up, backend=None)                             up * silu(gate) from [gate | up]
+    gelu_tanh(x, backend=None)                                gelu, tanh approximation ("gelu_new")
 
 backend: "triton" (the Triton kernel: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 "torch" (the PyTorch reference: any device), "auto" (Triton on CUDA when triton imports, PyTorch
-otherwise), or None for the process default, which set_default_backend() changes. No environment
-variable of ours is read; triton is imported only when the Triton path is asked for.
+otherwise), or None for the process default, which set_default_backend() changes, for every op
+or for one (`set_default_backend("torch", op="rope")`: the force switch used to measure one
+kernel at a time). No environment variable of ours is read; triton is imported only when the
+Triton path is asked for.
+
+The fused ops are autograd Functions (kernels/fused.py) saving only what backward needs; their
+PyTorch twins are in kernels/fused_torch.py and each Triton file carries its math in its
+docstring. phicore/layers.py calls them only where `uses_triton(op, device)` is true (CUDA by
+default), so CPU runs keep the plain PyTorch modules bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+from types import SimpleNamespace
 
 import torch
 
+from . import fused_torch
+from .fused import GeluTanhFunction, LayerNormFunction, RMSNormFunction, RotaryFunction, SwiGLUFunction
 from .nf4_torch import dequantize_nf4_torch, nf4_absmax
 
 __all__ = [
     "BACKENDS",
+    "OPS",
     "dequantize_nf4",
     "dequantize_nf4_torch",
+    "gelu_tanh",
     "get_default_backend",
+    "layer_norm",
     "nf4_absmax",
+    "resolve_backend",
+    "rms_norm",
+    "rotary_qk",
     "set_default_backend",
+    "swiglu",
     "triton_available",
+    "uses_triton",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
+# op -> (Triton module, its function names): forward/backward, or the one rope function
+_TRITON_IMPLS = {
+    "nf4": ("nf4_triton", {}),
+    "rms_norm": ("rmsnorm_triton", {"forward": "rms_norm_forward_triton", "backward": "rms_norm_backward_triton"}),
+    "layer_norm": ("layernorm_triton",
+                   {"forward": "layer_norm_forward_triton", "backward": "layer_norm_backward_triton"}),
+    "rope": ("rope_triton", {"rope": "rope_triton"}),
+    "swiglu": ("swiglu_triton", {"forward": "swiglu_forward_triton", "backward": "swiglu_backward_triton"}),
+    "gelu_tanh": ("gelu_triton", {"forward": "gelu_tanh_forward_triton", "backward": "gelu_tanh_backward_triton"}),
+}
+OPS = tuple(_TRITON_IMPLS)
+_TORCH_IMPLS = {
+    "rms_norm": SimpleNamespace(forward=fused_torch.rms_norm_forward_torch, backward=fused_torch.rms_norm_backward_torch),
+    "layer_norm": SimpleNamespace(forward=fused_torch.layer_norm_forward_torch,
+                                  backward=fused_torch.layer_norm_backward_torch),
+    "rope": SimpleNamespace(rope=fused_torch.rope_torch),
+    "swiglu": SimpleNamespace(forward=fused_torch.swiglu_forward_torch, backward=fused_torch.swiglu_backward_torch),
+    "gelu_tanh": SimpleNamespace(forward=fused_torch.gelu_tanh_forward_torch,
+                                 backward=fused_torch.gelu_tanh_backward_torch),
+}
 _default_backend = "auto"
+_op_backends: dict = {}  # op -> backend, overriding the default for that op
 
 
-def set_default_backend(backend: str) -> str:
-    """Set the backend used when a call passes backend=None; returns the previous one."""
+def _check_op(op):
+    if op is not None and op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def set_default_backend(backend: str, op: str | None = None) -> str:
+    """Set the backend used when a call passes backend=None, for every op (op=None) or for one
+    op; returns the previous setting (for op=None, the global default)."""
     global _default_backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    previous, _default_backend = _default_backend, backend
+    _check_op(op)
+    if op is None:
+        previous, _default_backend = _default_backend, backend
+        return previous
+    previous = _op_backends.get(op, _default_backend)
+    _op_backends[op] = backend
     return previous
 
 
-def get_default_backend() -> str:
-    return _default_backend
+def get_default_backend(op: str | None = None) -> str:
+    _check_op(op)
+    return _op_backends.get(op, _default_backend) if op is not None else _default_backend
 
 
 @functools.cache
-def _triton_module():
-    """kernels.nf4_triton, or None when triton is not installed."""
+def _triton_module(name: str = "nf4_triton"):
+    """kernels.<name>, or None when triton is not installed."""
     try:
-        from . import nf4_triton
+        return importlib.import_module(f"{__name__}.{name}")
     except ImportError:
         return None
-    return nf4_triton
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -68,8 +124,8 @@ def triton_available(device: torch.device | str) -> bool:
     return False
 
 
-def _resolve(backend: str | None, device: torch.device) -> str:
-    backend = _default_backend if backend is None else backend
+def _resolve(backend: str | None, device: torch.device, op: str | None = None) -> str:
+    backend = get_default_backend(op) if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -82,6 +138,29 @@ def _resolve(backend: str | None, device: torch.device) -> str:
     return backend
 
 
+def resolve_backend(op: str, device: torch.device | str, backend: str | None = None) -> str:
+    """"triton" or "torch": what a call of `op` on `device` tensors would run."""
+    _check_op(op)
+    return _resolve(backend, torch.device(device), op)
+
+
+def uses_triton(op: str, device: torch.device | str) -> bool:
+    """Whether `op` runs its Triton kernel on `device` under the current defaults (the test
+    phicore/layers.py makes before leaving its plain PyTorch path)."""
+    return resolve_backend(op, device) == "triton"
+
+
+@functools.cache
+def _triton_impl(op: str) -> SimpleNamespace:
+    module_name, names = _TRITON_IMPLS[op]
+    module = _triton_module(module_name)
+    return SimpleNamespace(**{role: getattr(module, name) for role, name in names.items()})
+
+
+def _impl(op: str, device: torch.device, backend: str | None) -> SimpleNamespace:
+    return _triton_impl(op) if _resolve(backend, device, op) == "triton" else _TORCH_IMPLS[op]
+
+
 def dequantize_nf4(
     packed: torch.Tensor, state, dtype: torch.dtype | None = None, backend: str | None = None
 ) -> torch.Tensor:
@@ -90,6 +169,34 @@ def dequantize_nf4(
     dtype defaults to state.dtype (the weight's dtype before quantisation).
     """
     dtype = state.dtype if dtype is None else dtype
-    if _resolve(backend, packed.device) == "triton":
+    if _resolve(backend, packed.device, "nf4") == "triton":
         return _triton_module().dequantize_nf4_triton(packed, state, dtype)
     return dequantize_nf4_torch(packed, state, dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | None = None) -> torch.Tensor:
+    """Phi-3's RMSNorm: weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype); x (..., D), weight (D,) frozen."""
+    return RMSNormFunction.apply(x, weight, eps, _impl("rms_norm", x.device, backend))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, eps: float, backend: str | None = None) -> torch.Tensor:
+    """F.layer_norm over the last dim with frozen weight/bias; fp32 out under autocast, as F.layer_norm."""
+    out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return LayerNormFunction.apply(x, weight, bias, eps, out_dtype, _impl("layer_norm", x.device, backend))
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inplace: bool = True,
+              backend: str | None = None):
+    """RoPE (half-split, the first R dims of each head) on q (B, T, H, d) and k (B, T, KV, d) by
+    cos/sin (B, T, R); returns (q, k), the same tensors when `inplace`."""
+    return RotaryFunction.apply(q, k, cos, sin, inplace, _impl("rope", q.device, backend))
+
+
+def swiglu(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """up * silu(gate) with gate, up = gate_up.chunk(2, -1): (..., 2I) -> (..., I)."""
+    return SwiGLUFunction.apply(gate_up, _impl("swiglu", gate_up.device, backend))
+
+
+def gelu_tanh(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """F.gelu(x, approximate="tanh")."""
+    return GeluTanhFunction.apply(x, _impl("gelu_tanh", x.device, backend))

@@ -44,6 +44,7 @@ def dequantize_nf4_torch(packed: torch.Tensor, state, dtype: torch.dtype) -> tor
     # One gather per byte: row b of `pairs` holds (code[b >> 4], code[b & 0xF]).
     byte_values = torch.arange(256, device=packed.device)
     pairs = torch.stack((state.code[byte_values >> 4], state.code[byte_values & 0xF]), dim=1)  # (256, 2)
-    values = pairs.float()[packed.reshape(-1).long()].view(-1)[:n]  # (n,) fp32, element 2j from the high nibble
+    # index_select with int32 indices: about 2x faster on CPU than advanced indexing with int64
+    values = pairs.float().index_select(0, packed.reshape(-1).int()).view(-1)[:n]  # (n,) fp32, 2j = high nibble
     weight = _blockwise_scale(values, nf4_absmax(state), state.blocksize)
     return weight.view(state.shape).to(dtype)

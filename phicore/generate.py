@@ -128,8 +128,8 @@ def generate(
             stream([None if done else int(t) for t, done in zip(token.tolist(), (finished | just_stopped).tolist())])
         generated.append(token)
         finished |= just_stopped
-        if bool(finished.all()):
-            break
+        if bool(finished.all()) or len(generated) == max_new_tokens:
+            break  # no forward for a token nobody will read
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         next_position = positions[:, -1:] + 1  # (B, 1)

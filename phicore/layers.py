@@ -2,6 +2,13 @@
 
 Shapes: B batch, T query tokens, S key/value tokens (past + new), D hidden size,
 H query heads, KV key/value heads, d head dim, R rotary dims (R <= d).
+
+Where the fused kernels run (`kernels.uses_triton(op, device)`: CUDA with triton, by default),
+the norms, RoPE and the MLP activations go through them (kernels/fused.py: autograd Functions
+that save only what backward needs; frozen norm weights get no gradient). Everywhere else,
+and whenever a norm's weight trains, the plain PyTorch code below runs unchanged, so CPU
+results match transformers bit for bit. `kernels.set_default_backend("torch", op=...)` forces
+the plain path for one op (to measure each kernel on its own).
 """
 
 from __future__ import annotations
@@ -12,7 +19,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 from .config import ModelConfig
+
+
+def _use_kernel(op: str, x: torch.Tensor, *frozen: Optional[torch.Tensor]) -> bool:
+    """Whether `op` takes its fused kernel for x: Triton runs on x's device, and none of the
+    `frozen` parameters wants a gradient (the fused norms compute dL/dx only)."""
+    if not kernels.uses_triton(op, x.device):
+        return False
+    return not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in frozen))
 
 
 # ----------------------------------------------------------------------------- norms
@@ -25,16 +42,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_kernel("rms_norm", x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Phi-2's LayerNorm: nn.LayerNorm (same parameters, same state dict) that takes the fused
+    kernel where it runs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) == 1 and self.weight is not None and _use_kernel(
+            "layer_norm", x, self.weight, self.bias
+        ):
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 def make_norm(config: ModelConfig, dim: Optional[int] = None) -> nn.Module:
     dim = dim or config.hidden_size
     if config.layout.norm == "rmsnorm":
         return RMSNorm(dim, config.norm_eps)
-    return nn.LayerNorm(dim, eps=config.norm_eps)
+    return LayerNorm(dim, eps=config.norm_eps)
 
 
 # ----------------------------------------------------------------------------- rotary
@@ -194,21 +225,34 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor):
         """x (B, T, D) -> q (B, T, H*d), k and v (B, T, KV*d)."""
+        return self._project(x)[:3]
+
+    def _project(self, x: torch.Tensor):
+        """project_qkv plus whether q and k may be overwritten in place: not when a projection
+        returned a view (autograd forbids in-place changes to a view a custom Function made,
+        e.g. NF4Linear's output with a bias)."""
         if self.fused_qkv:
             H, KV, d = self.num_heads, self.num_kv_heads, self.head_dim
-            return self.qkv_proj(x).split([H * d, KV * d, KV * d], dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qkv = self.qkv_proj(x)  # (B, T, (H + 2 KV) d)
+            return (*qkv.split([H * d, KV * d, KV * d], dim=-1), not qkv._is_view())
+        q, k = self.q_proj(x), self.k_proj(x)
+        return q, k, self.v_proj(x), not (q._is_view() or k._is_view())
 
     def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache]):
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
+        q, k, v, writable = self._project(x)
         q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, d)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, KV, d)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            writable = True  # new tensors
+        if _use_kernel("rope", q):  # one kernel for q and k, on (B, T, heads, d), in place when allowed
+            q, k = kernels.rotary_qk(q, k, cos, sin, inplace=writable)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, d)
         groups = self.num_heads // self.num_kv_heads
@@ -239,7 +283,9 @@ class GeluMLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.layout.linear_bias)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        h = self.fc1(x)  # (B, T, I)
+        h = kernels.gelu_tanh(h) if _use_kernel("gelu_tanh", h) else F.gelu(h, approximate="tanh")
+        return self.fc2(h)
 
 
 class GatedMLP(nn.Module):
@@ -252,7 +298,10 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
+        gate_up = self.gate_up_proj(x)  # (B, T, 2I)
+        if _use_kernel("swiglu", gate_up):  # reads [gate | up] in place, keeps only gate_up for backward
+            return self.down_proj(kernels.swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # (B, T, I) each
         return self.down_proj(up * F.silu(gate))
 
 

@@ -20,6 +20,11 @@ On disk (peft 0.21, adapter name stripped):
         base_model.model.<module path>.lora_A.weight / .lora_B.weight / .lora_magnitude_vector
     adapter_config.json        LoraConfig's fields, peft_type "LORA", task_type "CAUSAL_LM"
 
+Training runs through one autograd node, `LoRALinearFunction` (x @ A^T first, added onto the
+base output in place; saves x, the dropout mask, x @ A^T and A, B, never a dense copy of a
+quantised weight); DoRA, inference and trainable bases take the reference path of separate ops.
+`set_fused_lora(False)` forces the reference path everywhere.
+
 Model-agnostic: it works on any nn.Module tree of linear layers, named as the adapter expects.
 """
 
@@ -119,6 +124,9 @@ class LoRAMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
+        if not self.merged and self.adapter_enabled and self._fused_applies(x):
+            return LoRALinearFunction.apply(x, self.lora_A.weight, self.lora_B.weight, self,
+                                            self._active_dropout_p())
         result = super().forward(x)  # (..., out), the frozen base
         if self.merged:
             if not self.adapter_enabled:
@@ -133,15 +141,41 @@ class LoRAMixin:
         xa = self.lora_A(self.lora_dropout(x))  # (..., r): the rank-r product first
         if result.dtype != xa.dtype:  # e.g. a bf16 base under an fp32 adapter: add in fp32, round once (PEFT)
             return (result + self.lora_B(xa) * self.scaling).to(result.dtype)
-        # result + s * xa @ B^T as one GEMM with the add and scale fused (performance.md, LoRA order)
+        # result + s * xa @ B^T as one GEMM with the add and scale fused (performance.md, LoRA order).
+        # B in xa's dtype: under autocast xa is already half precision and the in-place addmm_ is
+        # not autocast itself (the cast is a no-op otherwise).
+        lora_b = self.lora_B.weight.to(xa.dtype).t()  # (r, out)
         result_2d, xa_2d = result.reshape(-1, self.out_features), xa.reshape(-1, self.r)  # (N, out), (N, r)
         if result.is_contiguous() and not result._is_view():
             # in place, no (N, out) temporary: autograd-safe, as the base's backward needs its input
             # and weight, never its output. Not on a view: autograd forbids modifying a view that a
             # custom Function returned (NF4Linear's output, with a bias and a 3-D input, is one).
-            result_2d.addmm_(xa_2d, self.lora_B.weight.t(), alpha=self.scaling)
+            result_2d.addmm_(xa_2d, lora_b, alpha=self.scaling)
             return result
-        return torch.addmm(result_2d, xa_2d, self.lora_B.weight.t(), alpha=self.scaling).view(result.shape)
+        return torch.addmm(result_2d, xa_2d, lora_b, alpha=self.scaling).view(result.shape)
+
+    # -- the fused path (LoRALinearFunction)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen base layer alone: x (..., in) -> (..., out)."""
+        return super().forward(x)
+
+    def _active_dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.training else 0.0
+
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        """Whether forward takes LoRALinearFunction: while training the adapter (autograd on), plain
+        LoRA (DoRA keeps the reference path), and a frozen base computing x @ W^T + b, W being
+        `weight` (an nn.Linear) or `dequantize()` (a quantised base)."""
+        if not (_FUSED_LORA and torch.is_grad_enabled() and not self.use_dora):
+            return False
+        if not (self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad or x.requires_grad):
+            return False
+        base = _base_class(type(self))
+        if not (base is nn.Linear or callable(getattr(self, "dequantize", None))):
+            return False
+        weight, bias = getattr(self, "weight", None), getattr(self, "bias", None)
+        return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (weight, bias))
 
     def _dora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + (m/||W + sBA|| - 1) * x W^T + (m/||W + sBA||) * s * B(A(x)), as PEFT computes it."""
@@ -222,6 +256,115 @@ class LoRAMixin:
         if self.merged:
             extra += ", merged"
         return f"{super().extra_repr()}, {extra}"
+
+
+# ----------------------------------------------------------------------------- fused forward/backward
+_FUSED_LORA = True
+
+
+def set_fused_lora(enabled: bool) -> bool:
+    """Switch the fused LoRA path (LoRALinearFunction) on or off for every layer; returns the
+    previous setting. Off: the reference path of autograd over the separate ops (always used for
+    DoRA, inference and trainable bases)."""
+    global _FUSED_LORA
+    previous, _FUSED_LORA = _FUSED_LORA, bool(enabled)
+    return previous
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = base(x) + s * (drop(x) @ A^T) @ B^T as one autograd node, for a frozen linear base.
+
+    Why: autograd over the separate ops keeps, besides x, dtype-cast copies of x and of the
+    frozen weight under autocast (one bf16 W per layer per step when the base is fp32), dropout's
+    output and its mask, and sums two (N, in) input gradients. This node keeps one (N, in)
+    tensor (x itself; under autocast its half-precision cast, dropped out), the dropout mask
+    (1 byte per element, only while dropout is active), x @ A^T (N x r) and A, B. The frozen
+    base's backward needs no activation: its weight is a Parameter, or NF4 bytes dequantised
+    again in backward, so no dense copy of a quantised weight is ever kept.
+
+    Forward, with x2 = x as (N, in), s the scaling, m the dropout mask, p its rate:
+        y  = base(x)                               (the layer's own forward, autocast included)
+        xd = x2 * m / (1 - p)                      (or x2 without dropout), in the adapter's dtype
+        xa = xd @ A^T                              (N, r): the rank-r product first
+        y += s * xa @ B^T                          (addmm_ in place when dtypes agree)
+    Backward, g = dL/dy as (N, out), gs = s * g @ B (N, r):
+        dL/dB = s * g^T @ xa                       (out, r)
+        dL/dA = gs^T @ xd                          (r, in)
+        dL/dx = g @ W + (gs @ A) * m / (1 - p)     (W: dense or dequantised; addmm_ in place
+                                                    onto g @ W when there is no dropout)
+    Dtypes as the reference path: the LoRA matmuls run in the autocast dtype under autocast,
+    else in the adapter's; g @ W in the base's compute dtype; results cast back to each input's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, layer, dropout_p: float):
+        # x (..., in), lora_a (r, in), lora_b (out, r)
+        out_features = lora_b.shape[0]
+        scaling = layer.scaling
+        autocast = _autocast_dtype(x.device.type)
+        result = layer._base_forward(x)  # (..., out)
+        lora_dtype = autocast or lora_a.dtype
+        a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
+        x_lora = x.reshape(-1, x.shape[-1])  # (N, in)
+        mask = None
+        if dropout_p > 0:  # in the adapter's dtype, as the reference path drops out
+            x_lora, mask = torch.native_dropout(x_lora.to(lora_a.dtype), dropout_p, True)  # F.dropout's draws
+        x_lora = x_lora.to(lora_dtype)  # (N, in): what multiplies A (a direct cast rounds as two would)
+        xa = x_lora @ a.t()  # (N, r)
+        result_2d = result.reshape(-1, out_features)  # (N, out): a view when result is contiguous
+        if result_2d.dtype == lora_dtype:
+            result_2d.addmm_(xa, b.t(), alpha=scaling)
+        else:  # e.g. a bf16 base under an fp32 adapter: add in the wider dtype, round once
+            result_2d = (result_2d + (xa @ b.t()) * scaling).to(result.dtype)
+        # dA needs the adapter's input; the frozen base's backward needs no x at all. Without
+        # autocast keep x itself (no copy; the dropped-out input is rebuilt exactly from the mask);
+        # under autocast keep the half-precision input A multiplied (as autograd would).
+        ctx.saved_lora_input = autocast is not None
+        ctx.save_for_backward(x_lora if ctx.saved_lora_input else x, mask, xa, a, b)
+        del x_lora
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.layer, ctx.dropout_p, ctx.scaling = layer, dropout_p, scaling
+        base_dtype = getattr(layer, "compute_dtype", None) or result.dtype
+        ctx.base_dtype, ctx.lora_a_dtype, ctx.lora_b_dtype = autocast or base_dtype, lora_a.dtype, lora_b.dtype
+        return result_2d.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, mask, xa, a, b = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        s = ctx.scaling
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
+        g_lora = g.to(a.dtype)
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            grad_b = (g_lora.t() @ xa).mul_(s).to(ctx.lora_b_dtype)  # (out, r)
+        gs = (g_lora @ b).mul_(s)  # (N, r)
+        if need_a:
+            if ctx.saved_lora_input:
+                xd = x  # (N, in), dropped out and cast in forward
+            else:
+                xd = x.reshape(-1, x.shape[-1]).to(ctx.lora_a_dtype)  # (N, in)
+                if mask is not None:
+                    xd = xd * mask * (1.0 / (1.0 - ctx.dropout_p))
+            grad_a = (gs.t() @ xd.to(a.dtype)).to(ctx.lora_a_dtype)  # (r, in)
+            del xd
+        if need_x:
+            weight = ctx.layer._dense_weight().to(ctx.base_dtype)  # (out, in), dequantised here for NF4
+            grad_x = g.to(ctx.base_dtype) @ weight  # (N, in)
+            del weight
+            if mask is None and grad_x.dtype == a.dtype == ctx.x_dtype:
+                grad_x.addmm_(gs, a)
+            else:
+                grad_lora = gs @ a  # (N, in)
+                if mask is not None:
+                    grad_lora = grad_lora.mul_(mask).mul_(1.0 / (1.0 - ctx.dropout_p))
+                grad_x = grad_x.to(ctx.x_dtype) + grad_lora.to(ctx.x_dtype)
+            grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
+        return grad_x, grad_a, grad_b, None, None
 
 
 class LoRALinear(LoRAMixin, nn.Linear):

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layers import Attention, KVCache, RotaryEmbedding, build_attention_mask, make_mlp, make_norm
+from .loss import next_token_loss_sum
 
 
 class DecoderLayer(nn.Module):
@@ -44,7 +45,10 @@ class PhiModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if weight.device.type != "meta":  # normal_ on the meta device costs seconds of lazy imports
+            nn.init.normal_(weight)  # nn.Embedding's own initialisation
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.embed_dropout = nn.Dropout(config.embd_pdrop)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm_name = config.layout.final_norm_name
@@ -79,15 +83,21 @@ class PhiForCausalLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         last_only: bool = False,
+        labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`.
+        """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`; with `labels`,
+        the summed next-token cross-entropy instead (phicore.loss.next_token_loss_sum).
 
         attention_mask: (B, S) with 1 for real tokens and 0 for padding (S counts the cached
         past too), or a (B, 1, T, S) bool mask used as given (packed sequences).
         position_ids: (B, T); by default past_len .. past_len + T - 1.
         cache: a KVCache to read the past from and append this step's keys/values to.
+        labels: (B, T) targets aligned with input_ids (unshifted; -100 = no loss): returns an
+        fp32 scalar, computed in token chunks so the (tokens x V) logits never exist in full.
         """
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if labels is not None:
+            return next_token_loss_sum(hidden, self.lm_head, labels)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)

@@ -220,7 +220,8 @@ def _quant_state_tensor(state: NF4State) -> torch.Tensor:
     return torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
 
 
-def _read_quant_state(tensor: torch.Tensor, key: str) -> dict:
+def read_quant_state(tensor: torch.Tensor, key: str) -> dict:
+    """The JSON metadata bitsandbytes serialises as a uint8 tensor under `P.weight.quant_state...`."""
     meta = json.loads(bytes(tensor.cpu().tolist()).decode("utf-8"))
     if meta.get("quant_type") != "nf4":
         raise ValueError(f"{key}: only NF4 is supported, found quant_type {meta.get('quant_type')!r}")
@@ -263,7 +264,7 @@ def load_bnb_linear_state(
         if _key(prefix, "weight.quant_state.bitsandbytes__fp4") in state_dict:
             raise NotImplementedError(f"{prefix}: FP4 bitsandbytes weights are not supported, only NF4")
         raise KeyError(f"{qs_key} not found: {prefix!r} is not a bitsandbytes NF4 linear")
-    meta = _read_quant_state(state_dict[qs_key], qs_key)
+    meta = read_quant_state(state_dict[qs_key], qs_key)
 
     def get(name: str) -> torch.Tensor:
         key = _key(prefix, name)
@@ -491,7 +492,7 @@ class NF4Linear(nn.Module):
     def _load_quant_state(self, state_dict, prefix, local_metadata, missing_keys, error_msgs):
         qs_key = prefix + "weight." + QUANT_STATE_KEY
         try:
-            meta = _read_quant_state(state_dict[qs_key], qs_key)
+            meta = read_quant_state(state_dict[qs_key], qs_key)
         except ValueError as e:
             error_msgs.append(str(e))
             return

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .hub import hub_id_for, resolve_model_dir
 from .model import PhiForCausalLM
-from .nf4 import NF4Linear, load_bnb_linear_state, quantize_model_linears, quantize_nf4
+from .nf4 import NF4Linear, load_bnb_linear_state, quantize_model_linears, quantize_nf4, read_quant_state
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -138,29 +138,25 @@ def stream_weights(model: nn.Module, shapes: dict, dtype: torch.dtype, device, s
     """Read each tensor once, cast it as it is read, and assign it into the model.
 
     A dense weight arriving for an NF4Linear is quantised on the device right away and its
-    dense copy dropped, so peak memory stays near the packed model plus one dense tensor.
+    dense copy dropped, so peak memory stays near the packed model plus one dense tensor
+    (measured by bench/nf4_load_memory.py).
     Pre-quantised (bitsandbytes) layers are read as a group: packed bytes plus quant state.
     """
     skip = set(skip)
     prequantized = prequantized_layers(shapes)
-    by_file = {}
-    for key, (file, _) in shapes.items():
-        if key not in skip and key.rpartition(".weight")[0] not in prequantized and \
-                key.rpartition(".")[0] not in prequantized:
-            by_file.setdefault(file, []).append(key)
-    for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
-            for key in keys:
-                tensor = reader.get_tensor(key)
-                target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-                tensor = tensor.to(device=device, dtype=target_dtype)
-                module_path, _, leaf = key.rpartition(".")
-                module = model.get_submodule(module_path)
-                if isinstance(module, NF4Linear) and leaf == "weight":
-                    module.set_quantized(*quantize_nf4(tensor, blocksize, double_quant))
-                else:
-                    assign_tensor(model, key, tensor)
-                del tensor
+    for key in shapes:
+        if key in skip or key.rpartition(".weight")[0] in prequantized or key.rpartition(".")[0] in prequantized:
+            continue
+        tensor = _read_tensor(shapes, key)
+        target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        tensor = tensor.to(device=device, dtype=target_dtype)
+        module_path, _, leaf = key.rpartition(".")
+        module = model.get_submodule(module_path)
+        if isinstance(module, NF4Linear) and leaf == "weight":
+            module.set_quantized(*quantize_nf4(tensor, blocksize, double_quant))
+        else:
+            assign_tensor(model, key, tensor)
+        del tensor
     for prefix in prequantized:
         group = {k: _read_tensor(shapes, k) for k in shapes if k.startswith(prefix + ".")}
         packed, state, bias = load_bnb_linear_state(prefix, group, device=device)
@@ -172,7 +168,18 @@ def prequantized_layers(shapes: dict) -> list:
     return sorted(k[: -len(".weight" + NF4_STATE_SUFFIX)] for k in shapes if k.endswith(".weight" + NF4_STATE_SUFFIX))
 
 
+def prequantized_layout(shapes: dict, prefix: str) -> tuple:
+    """(blocksize, double_quant) of a bitsandbytes NF4 checkpoint, read from one layer's
+    serialised quant state (bitsandbytes writes every layer of a model the same way)."""
+    key = prefix + ".weight" + NF4_STATE_SUFFIX
+    meta = read_quant_state(_read_tensor(shapes, key), key)
+    return int(meta["blocksize"]), "nested_offset" in meta
+
+
 def _read_tensor(shapes: dict, key: str) -> torch.Tensor:
+    """One tensor, copied out of its file. The file is opened (memory-mapped) for this tensor
+    alone: a reader kept open across a whole shard keeps every page it touched mapped into the
+    process, and a 5 GB shard then shows up as 5 GB of resident memory."""
     with safe_open(str(shapes[key][0]), framework="pt", device="cpu") as reader:
         return reader.get_tensor(key)
 
@@ -201,10 +208,12 @@ def load_model(name_or_path, *, dtype=None, device=None, quantize: Optional[str]
         model = PhiForCausalLM(config)
     shapes = read_header_shapes(checkpoint_files(folder))
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    prequantized = bool(prequantized_layers(shapes))
+    prequantized = prequantized_layers(shapes)
     try:
         if prequantized:  # compare with the 4-bit layout the checkpoint was written in
-            quantize_model_linears(model, skip=DENSE_MODULES, compute_dtype=dtype)
+            blocksize, double_quant = prequantized_layout(shapes, prequantized[0])
+            quantize_model_linears(model, skip=DENSE_MODULES, blocksize=blocksize, double_quant=double_quant,
+                                   compute_dtype=dtype)
         check_keys(model, shapes, skip=tied)
     except CheckpointError as err:
         raise CheckpointError(f"{folder}: {err}") from None

@@ -35,7 +35,6 @@ import train  # noqa: E402  (train.py at the repo root)
 from phicore.data import (BatchPlan, collate, collate_packed, conversations_from_records,  # noqa: E402
                           prompt_format_for, tokenize_dataset)
 from phicore.lora import apply_lora, load_adapter  # noqa: E402
-from phicore.tiny import build_tiny  # noqa: E402
 from phicore.tokenizer import load_tokenizer  # noqa: E402
 from phicore.train import TrainConfig  # noqa: E402
 from phicore.train import loop as train_loop  # noqa: E402
@@ -47,20 +46,6 @@ FAST = ["--max-length", "64", "--quiet", "--no-grad-checkpointing"]
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bases")
-    return {name: build_tiny(name, root / name) for name in ("tiny-phi-2", "tiny-phi-3")}
-
 
 def _pairs(n: int) -> list[dict]:
     """Short arithmetic with a recurring punchline: learnable in a few steps, under 64 tokens."""

@@ -27,13 +27,16 @@ Batches (`Batch`): `input_ids`, `labels`, `position_ids` (B, T) long and `attent
   s <= t. Padding never attends to or is attended by real tokens; a padding position attends
   only to itself (a fully masked row would turn softmax into NaN).
 
-Order: `batches_for_epoch(lengths, batch_size, seed, epoch)` gives the batches of one epoch as
-index lists, a pure function of its arguments, so a run resumes by skipping the first k batches
-of the same epoch. With length grouping the shuffled indices are cut into buckets of
-`bucket_batches` batches, each bucket is sorted by length and cut into batches, and the batch
-order is shuffled: batches hold similar lengths (little padding) yet differ between epochs.
-`pack_examples` builds packed rows once per dataset (seeded greedy first-fit), so the number of
-batches per epoch is fixed; `BatchPlan` ties examples, rows and batch order together.
+Order: `epoch_order(lengths, batch_size, seed, epoch)` gives the batches of one epoch as numpy
+index arrays, a pure function of its arguments (seeded numpy generators), so a run resumes by
+skipping the first k batches of the same epoch; `batches_for_epoch` is the same as lists. With
+length grouping the shuffled indices are cut into buckets of `bucket_batches` batches, each
+bucket is sorted by length and cut into batches, and the batch order is shuffled: batches hold
+similar lengths (little padding) yet differ between epochs. `pack_examples` builds packed rows
+once per dataset (seeded greedy first-fit), so the number of batches per epoch is fixed;
+`BatchPlan` ties examples, rows and batch order together, and shards each global batch across
+data-parallel ranks. Examples may come from the memory-mapped dataset cache
+(`phicore.data.cache`): nothing here needs the whole dataset in memory, only its lengths.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 from .formats import Conversation, DataError
@@ -160,6 +164,24 @@ def tokenize_segments(segments: Sequence[Segment], tokenizer, train_on_prompt: b
     return ids, labels
 
 
+def tokenize_conversation(conv: Conversation, fmt: PromptFormat, tokenizer, max_length: int,
+                          train_on_prompt: bool = False,
+                          bos: Optional[list[int]] = None) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) for one conversation, cut to `max_length` tokens.
+
+    The one place a record becomes tokens: `tokenize_dataset` and the dataset cache's worker
+    processes both call it, so cached and in-memory examples are the same.
+    """
+    try:
+        segments = fmt.segments(conv)
+    except ValueError as e:  # e.g. a chat template that drops a turn: say which record
+        raise DataError(f"{conv.source[0]}:{conv.source[1]}: {e}") from None
+    ids, labels = tokenize_segments(segments, tokenizer, train_on_prompt, bos)
+    if len(ids) > max_length:
+        return ids[:max_length], labels[:max_length], True
+    return ids, labels, False
+
+
 def tokenize_dataset(conversations: Sequence[Conversation], fmt: PromptFormat, tokenizer,
                      max_length: int, train_on_prompt: bool = False) -> tuple[list[Example], TokenizeStats]:
     """Conversations -> examples no longer than `max_length`, and what was cut or dropped."""
@@ -168,14 +190,8 @@ def tokenize_dataset(conversations: Sequence[Conversation], fmt: PromptFormat, t
     bos = bos_ids(tokenizer)
     stats, out = TokenizeStats(total=len(conversations)), []
     for conv in conversations:
-        try:
-            segments = fmt.segments(conv)
-        except ValueError as e:  # e.g. a chat template that drops a turn: say which record
-            raise DataError(f"{conv.source[0]}:{conv.source[1]}: {e}") from None
-        ids, labels = tokenize_segments(segments, tokenizer, train_on_prompt, bos)
-        if len(ids) > max_length:
-            ids, labels = ids[:max_length], labels[:max_length]
-            stats.truncated += 1
+        ids, labels, truncated = tokenize_conversation(conv, fmt, tokenizer, max_length, train_on_prompt, bos)
+        stats.truncated += truncated
         example = Example(ids, labels, conv.source)
         targets = example.num_targets
         if targets == 0:
@@ -188,51 +204,92 @@ def tokenize_dataset(conversations: Sequence[Conversation], fmt: PromptFormat, t
     return out, stats
 
 
-def split_train_val(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """A seeded split: round(fraction * n) items (at least 1) for validation, file order kept."""
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split of n items as two sorted index arrays (file order kept):
+    round(fraction * n) items, at least 1, for validation. O(n) memory in numpy, so a split of
+    millions of cached examples costs a few megabytes."""
     if fraction <= 0:
-        return list(items), []
+        return np.arange(n, dtype=index_dtype(n)), np.arange(0, dtype=index_dtype(n))
     if fraction >= 1:
         raise ValueError(f"validation fraction must be below 1, got {fraction}")
-    n = len(items)
     n_val = max(1, round(n * fraction))
     if n_val >= n:
         raise ValueError(f"a validation fraction of {fraction} leaves no training data ({n} examples)")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    val = set(order[:n_val])
-    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+    in_val = np.zeros(n, dtype=bool)
+    in_val[_rng(seed, 0x5E1EC7).permutation(n)[:n_val]] = True
+    return np.flatnonzero(~in_val).astype(index_dtype(n)), np.flatnonzero(in_val).astype(index_dtype(n))
+
+
+def split_train_val(items: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """A seeded split: round(fraction * n) items (at least 1) for validation, file order kept."""
+    train, val = split_indices(len(items), fraction, seed)
+    return [items[i] for i in train.tolist()], [items[i] for i in val.tolist()]
 
 
 # --------------------------------------------------------------------------- order
 
-def _epoch_rng(seed: int, epoch: int) -> random.Random:
-    return random.Random(seed * 1_000_003 + epoch)
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed % (1 << 64), stream])
+
+
+class EpochOrder:
+    """The batches of one epoch as numpy index arrays: `order[k]` is batch k's item indices.
+
+    Items are laid out in `arranged` so that unshuffled batch j is `arranged[j*B:(j+1)*B]`;
+    `visit` is the order the batches are taken in. 16 bytes an item, so the order of a
+    million-example epoch takes 16 MB instead of a few hundred MB of Python lists.
+    """
+
+    def __init__(self, arranged: np.ndarray, visit: np.ndarray, batch_size: int):
+        self.arranged, self.visit, self.batch_size = arranged, visit, batch_size
+
+    def __len__(self) -> int:
+        return len(self.visit)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        j = int(self.visit[k])
+        return self.arranged[j * self.batch_size:(j + 1) * self.batch_size]
+
+
+def index_dtype(n: int):
+    """int32 indices where they fit: half the memory of int64 for a million-row order."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, *, shuffle: bool = True,
+                group_by_length: bool = True, bucket_batches: int = 32, drop_last: bool = False) -> EpochOrder:
+    """The batches of one epoch (see the module docstring), a pure function of its arguments."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    rng = _rng(seed, epoch)
+    order = np.arange(n, dtype=index_dtype(n))
+    if shuffle:
+        rng.shuffle(order)
+    num_batches = -(-n // batch_size)
+    visit = np.arange(num_batches)
+    if group_by_length:
+        # sort each bucket of bucket_batches batches by length, longest first (stable); a
+        # bucket is a whole number of batches, so batch j is still positions j*B .. j*B+B-1
+        bucket = batch_size * max(1, bucket_batches)
+        for start in range(0, n, bucket):
+            chunk = order[start:start + bucket]
+            chunk[:] = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        if shuffle:
+            visit = rng.permutation(num_batches)
+    if drop_last and n % batch_size:
+        visit = visit[visit != num_batches - 1]  # the one short batch is the last laid out
+    return EpochOrder(order, visit, batch_size)
 
 
 def batches_for_epoch(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, *,
                       shuffle: bool = True, group_by_length: bool = True, bucket_batches: int = 32,
                       drop_last: bool = False) -> list[list[int]]:
-    """The batches of one epoch as lists of indices into `lengths` (see the module docstring)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    rng = _epoch_rng(seed, epoch)
-    order = list(range(len(lengths)))
-    if shuffle:
-        rng.shuffle(order)
-    if group_by_length:
-        bucket = batch_size * max(1, bucket_batches)
-        batches = []
-        for b in range(0, len(order), bucket):
-            chunk = sorted(order[b:b + bucket], key=lambda i: -lengths[i])
-            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-        if shuffle:
-            rng.shuffle(batches)
-    else:
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if drop_last:
-        batches = [b for b in batches if len(b) == batch_size]
-    return batches
+    """The batches of one epoch as lists of indices into `lengths` (`epoch_order` as lists)."""
+    order = epoch_order(lengths, batch_size, seed, epoch, shuffle=shuffle, group_by_length=group_by_length,
+                        bucket_batches=bucket_batches, drop_last=drop_last)
+    return [order[k].tolist() for k in range(len(order))]
 
 
 def pack_examples(lengths: Sequence[int], max_length: int, seed: int = 0) -> list[list[int]]:
@@ -337,41 +394,89 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int,
                  int((labels != IGNORE_INDEX).sum()), int(real.sum()))
 
 
-class BatchPlan:
-    """The batches of every epoch for a list of examples: reproducible and resumable.
+def example_lengths(examples: Sequence[Example]) -> np.ndarray:
+    """Token counts of the examples; a cached dataset answers from its offsets without
+    building a single example."""
+    lengths = getattr(examples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int32)
+    return np.fromiter((len(e) for e in examples), dtype=np.int32, count=len(examples))
 
-    `plan.batch_rows(epoch)` lists each batch as lists of example indices (one per row; a row has
-    several when packing); `plan.batches(epoch, start=k)` yields collated `Batch`es from batch k.
-    The number of batches is the same every epoch (`len(plan)`).
+
+class BatchPlan:
+    """The batches of every epoch for a list of examples: reproducible, resumable, shardable.
+
+    `plan.batches(epoch, start=k)` yields collated `Batch`es from batch k; `len(plan)` batches
+    every epoch. `examples` may be a list or a lazy sequence (the dataset cache's
+    `CachedExamples`): only the examples of the batch being built are read.
+
+    Data parallelism (`world_size` > 1): the epoch order is laid out in *global* batches of
+    `batch_size * world_size` rows, exactly as one process with that batch size would see it;
+    rank r takes its share of each (rows r*B .. r*B+B-1 of a full batch; a short last batch is
+    split as evenly as it goes). So N ranks with batch B see the same examples per step as one
+    rank with batch N*B, and every rank has `len(plan)` micro-batches an epoch. A rank whose
+    share of a short batch is empty gets a stand-in with no target tokens (one row of the
+    batch with every label -100): it adds nothing to the loss or the gradient but keeps the
+    ranks' collective calls in step.
+
+    `batch_rows(epoch)` lists this rank's batches as lists of rows, each a list of example
+    indices (several per row when packing).
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, *, seed: int = 0,
                  pack: bool = False, max_length: Optional[int] = None, shuffle: bool = True,
                  group_by_length: bool = True, drop_last: bool = False,
-                 pad_to_multiple_of: Optional[int] = None):
-        if not examples:
+                 pad_to_multiple_of: Optional[int] = None, rank: int = 0, world_size: int = 1):
+        if not len(examples):
             raise ValueError("no examples to batch")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of {world_size}")
         self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
         self.pack, self.shuffle, self.group_by_length = pack, shuffle, group_by_length
         self.drop_last, self.pad_to_multiple_of = drop_last, pad_to_multiple_of
-        lengths = [len(e) for e in examples]
+        self.rank, self.world_size = rank, world_size
+        self.global_batch_size = batch_size * world_size
+        lengths = example_lengths(examples)
         if pack:
             if max_length is None:
                 raise ValueError("packing needs max_length")
-            self.rows = pack_examples(lengths, max_length, seed)
+            rows = pack_examples(lengths.tolist(), max_length, seed)
+            self._row_members = np.fromiter((i for row in rows for i in row), dtype=index_dtype(len(lengths)),
+                                            count=len(lengths))
+            self._row_starts = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
+            self.row_lengths = np.add.reduceat(lengths[self._row_members], self._row_starts[:-1]).astype(np.int32)
+            del rows
         else:
-            self.rows = [[i] for i in range(len(examples))]
-        self.row_lengths = [sum(lengths[i] for i in row) for row in self.rows]
-        self._num_batches = len(self.batch_rows(0))
+            self._row_members = self._row_starts = None
+            self.row_lengths = lengths
+        self._epoch: Optional[tuple[int, EpochOrder]] = None
+        self._num_batches = len(self.epoch_order(0))
 
     def __len__(self) -> int:
         return self._num_batches
 
+    def row(self, r: int) -> list[int]:
+        """The example indices of row r (one example unless packing)."""
+        if self._row_members is None:
+            return [int(r)]
+        return self._row_members[self._row_starts[r]:self._row_starts[r + 1]].tolist()
+
+    def epoch_order(self, epoch: int) -> EpochOrder:
+        """Global batches of `epoch` (row indices); the latest epoch's order is kept."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_order(self.row_lengths, self.global_batch_size, self.seed, epoch,
+                                              shuffle=self.shuffle, group_by_length=self.group_by_length,
+                                              drop_last=self.drop_last))
+        return self._epoch[1]
+
+    def shard(self, global_rows: np.ndarray) -> np.ndarray:
+        """This rank's rows of one global batch: the r-th of world_size near-equal parts."""
+        per = -(-len(global_rows) // self.world_size)
+        return global_rows[self.rank * per:(self.rank + 1) * per]
+
     def batch_rows(self, epoch: int) -> list[list[list[int]]]:
-        batches = batches_for_epoch(self.row_lengths, self.batch_size, self.seed, epoch,
-                                    shuffle=self.shuffle, group_by_length=self.group_by_length,
-                                    drop_last=self.drop_last)
-        return [[self.rows[r] for r in batch] for batch in batches]
+        order = self.epoch_order(epoch)
+        return [[self.row(r) for r in self.shard(order[k])] for k in range(len(order))]
 
     def collate(self, rows: list[list[int]]) -> Batch:
         if self.pack:
@@ -379,6 +484,16 @@ class BatchPlan:
                                   self.pad_to_multiple_of)
         return collate([self.examples[row[0]] for row in rows], self.pad_id, self.pad_to_multiple_of)
 
+    def stand_in(self, global_rows: np.ndarray) -> Batch:
+        """A batch with no target tokens for a rank with no share of a short global batch."""
+        batch = self.collate([self.row(global_rows[0])])
+        batch.labels.fill_(IGNORE_INDEX)
+        batch.num_target_tokens = batch.num_tokens = 0
+        return batch
+
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        for rows in self.batch_rows(epoch)[start:]:
-            yield self.collate(rows)
+        order = self.epoch_order(epoch)
+        for k in range(start, len(order)):
+            global_rows = order[k]
+            mine = self.shard(global_rows)
+            yield self.collate([self.row(r) for r in mine]) if len(mine) else self.stand_in(global_rows)

@@ -42,7 +42,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 ROLES = ("system", "user", "assistant")
 
@@ -559,6 +559,66 @@ def read_conversations(path: str | Path, format: Optional[str] = None) -> list[C
     else:  # .json and anything else: a JSON list, one object, or JSON Lines
         records = _read_json(text, name)
     return _parse_records(records, name, format)
+
+
+def _is_json_lines(file: Path) -> bool:
+    """A .jsonl file whose first non-blank character is not "[" (read_conversations' rule)."""
+    if file.suffix.lower() != ".jsonl":
+        return False
+    with file.open("rb") as f:
+        while True:
+            block = f.read(1 << 16)
+            if not block:
+                return True
+            stripped = block.lstrip(b" \t\r\n\xef\xbb\xbf")
+            if stripped:
+                return not stripped.startswith(b"[")
+
+
+def iter_conversations(path: str | Path, format: Optional[str] = None) -> Iterator[Conversation]:
+    """Like `read_conversations`, one conversation at a time, with the same one-line errors.
+
+    A JSON Lines file is read line by line, so a file of millions of rows never sits in memory
+    (the tokenised dataset cache reads data this way); other files are read whole.
+    """
+    if format is not None and format not in _PARSERS:
+        raise DataError(f"{path}: unknown format {format!r} (known: {', '.join(FORMATS)})")
+    file, name = Path(path), str(path)
+    try:
+        streaming = _is_json_lines(file)
+    except OSError as e:
+        raise DataError(f"{name}: cannot read file: {e.strerror or e}") from None
+    if not streaming:
+        yield from read_conversations(path, format)
+        return
+    parser, blank = None, True
+    with file.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
+            line = line[:-1] if line.endswith("\n") else line
+            line = line[:-1] if line.endswith("\r") else line
+            if not line.strip():
+                continue
+            blank = False
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            where = _Where(name, lineno)
+            if parser is None:
+                fmt = format or detect_format(record)
+                if fmt is None:
+                    raise _undetected(record, where)
+                parser = _PARSERS[fmt]
+            if not isinstance(record, dict):
+                raise where.error(f"expected a JSON object, got {_type_name(record)}")
+            yield parser(record, where)
+    if blank:
+        raise DataError(f"{name}: file is empty")
 
 
 def conversations_from_records(records: Sequence[dict], format: Optional[str] = None,

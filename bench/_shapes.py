@@ -1,0 +1,91 @@
+"""Model shapes the benchmarks run, as Hugging Face config.json dicts (legacy form).
+
+The real shapes are written out here (from shared/docs/reference.md and the hub configs) so the
+benchmark needs no download and no file outside the repository: weights are random, made on
+the device. `tiny` and `small` are CPU-sized Phi-3-layout models (fused qkv_proj, gated MLP,
+RMSNorm, sliding window), `small-phi-2` the Phi-2 layout (parallel block, LayerNorm, biases,
+partial rotary) at the same size.
+
+Phi-3.5-mini's longrope factor lists are stand-ins with the real length (48) and end points:
+below 4096 positions only the short list is read, and its values change no timing.
+"""
+
+from __future__ import annotations
+
+_PHI3_COMMON = dict(
+    model_type="phi3", architectures=["Phi3ForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5,
+    rope_theta=10000.0, partial_rotary_factor=1.0, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0,
+    attention_dropout=0.0, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+)
+_PHI2_COMMON = dict(
+    model_type="phi", architectures=["PhiForCausalLM"], hidden_act="gelu_new", layer_norm_eps=1e-5,
+    rope_theta=10000.0, partial_rotary_factor=0.4, qk_layernorm=False, tie_word_embeddings=False,
+    resid_pdrop=0.1, embd_pdrop=0.0, attention_dropout=0.0, bos_token_id=50256, eos_token_id=50256,
+)
+
+
+def _ramp(n: int, first: float, last: float) -> list:
+    """n increasing values from `first` to `last` (stand-in longrope factors)."""
+    return [round(first + (last - first) * (i / (n - 1)) ** 2, 4) for i in range(n)]
+
+
+# name -> (config.json dict, default seq_len, default batch_size)
+SHAPES = {
+    "tiny": (dict(
+        _PHI3_COMMON, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+        original_max_position_embeddings=4096, sliding_window=2047, eos_token_id=2, pad_token_id=0,
+    ), 64, 2),
+    # CPU-sized (a step of 512 tokens is about a second on two busy cores)
+    "small": (dict(
+        _PHI3_COMMON, vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+        original_max_position_embeddings=4096, sliding_window=2047, eos_token_id=2, pad_token_id=0,
+    ), 256, 2),
+    # head_dim 80 as the real Phi-2, so rotary covers 32 of 80 dims
+    "small-phi-2": (dict(
+        _PHI2_COMMON, vocab_size=4096, hidden_size=320, intermediate_size=1280, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+        bos_token_id=2, eos_token_id=2,
+    ), 256, 2),
+    # microsoft/phi-2: 2.78e9 parameters
+    "phi-2": (dict(
+        _PHI2_COMMON, vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+    ), 2048, 1),
+    # microsoft/Phi-3-mini-4k-instruct: 3.82e9 parameters
+    "phi-3-mini-4k": (dict(
+        _PHI3_COMMON, vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        original_max_position_embeddings=4096, sliding_window=2047,
+    ), 2048, 1),
+    # microsoft/Phi-3.5-mini-instruct: as mini-4k, with longrope to 128k and no effective window
+    "phi-3.5-mini": (dict(
+        _PHI3_COMMON, vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
+        original_max_position_embeddings=4096, sliding_window=262144,
+        rope_scaling={"type": "longrope", "short_factor": _ramp(48, 1.0, 2.84),
+                      "long_factor": _ramp(48, 1.08, 64.84)},
+    ), 2048, 1),
+}
+
+
+def shape_config(name: str) -> dict:
+    """A fresh copy of the shape's config.json dict."""
+    if name not in SHAPES:
+        raise KeyError(f"unknown shape {name!r} (known: {', '.join(SHAPES)})")
+    return dict(SHAPES[name][0])
+
+
+def parameter_count(config: dict) -> int:
+    """Parameters of the dense model described by `config` (embeddings and lm_head included)."""
+    D, I, L, V = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    H, KV = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config.get("head_dim") or D // H
+    if config["model_type"] == "phi3":
+        per_layer = D * (H + 2 * KV) * d + H * d * D + D * 2 * I + I * D + 2 * D
+        head = V * D + D
+    else:  # biases on every projection, LayerNorm weight + bias
+        per_layer = (D + 1) * (H + 2 * KV) * d + (H * d + 1) * D + (D + 1) * I + (I + 1) * D + 2 * D
+        head = V * D + V + 2 * D
+    return V * D + L * per_layer + head

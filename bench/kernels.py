@@ -1,0 +1,251 @@
+"""NF4 dequantisation bandwidth: phicore's Triton kernel, its PyTorch fallback, bitsandbytes.
+
+    python bench/kernels.py                      # the device's default, Phi-3-mini's linear shapes
+    python bench/kernels.py --device cpu --quick
+
+For each weight shape, each backend turns a double-quantised NF4 weight (blocksize 64) into a
+dense one; GB/s counts the bytes it must read (packed 4-bit codes, 8-bit absmax, nested fp32
+absmax) plus the bytes it writes (the dense weight in --dtype), divided by the median time.
+In the same run, a device-to-device copy of a buffer as large as the dense weight (bytes read
++ written) gives the ceiling those figures are judged against. Each backend's output is
+checked against the PyTorch reference dequantising the same bytes (max abs difference recorded).
+
+backends:
+  triton        kernels.dequantize_nf4(..., backend="triton"): CUDA only (on a CPU it runs only in
+                Triton's interpreter, which is no speed figure, so it is skipped there)
+  torch         kernels.dequantize_nf4(..., backend="torch"): the PyTorch fallback, any device
+  bitsandbytes  bitsandbytes.functional.dequantize_4bit of a bnb.functional.quantize_4bit weight
+A table is printed; a JSON file is written to bench/results/kernels-<device>-<date>.json
+(or --json PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# This file is bench/kernels.py: with bench/ first on the path, `import kernels` would import it.
+# The repository root goes first instead, so `kernels` is phicore's package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from bench._measure import cpu_name, device_name, set_threads, sync  # noqa: E402
+from bench.throughput import UsageError, load_average, versions, write_json  # noqa: E402
+from phicore.nf4 import quantize_nf4  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Phi-3-mini's linear layers (out, in): qkv_proj, o_proj, gate_up_proj, down_proj
+PHI3_MINI_SHAPES = [(9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]
+QUICK_SHAPES = [(256, 512), (512, 256)]
+BACKENDS = ("triton", "torch", "bitsandbytes")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda", "mps"],
+                        help="device (default: cuda, else mps, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="dense output dtype; auto: bf16 on cuda, fp32 elsewhere")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated OUTxIN weight shapes (default: Phi-3-mini's four linear shapes)")
+    parser.add_argument("--quick", action="store_true", help="two small shapes, few repeats (a smoke test)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per backend and shape "
+                                                                  "(default: 50 on cuda, 5 elsewhere; 3 with --quick)")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated subset of " + ", ".join(BACKENDS))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--json", dest="json_path", default=None, help="where to write the results")
+    return parser.parse_args(argv)
+
+
+def parse_shapes(text: str) -> list:
+    shapes = []
+    for item in text.split(","):
+        try:
+            out_features, in_features = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise UsageError(f"--shapes: {item!r} is not OUTxIN (e.g. 3072x8192)") from None
+        if out_features < 1 or in_features < 1:
+            raise UsageError(f"--shapes: {item!r} has a zero size")
+        shapes.append((out_features, in_features))
+    return shapes
+
+
+def time_call(fn, device: torch.device, repeats: int, warmup: int = 2) -> list:
+    """Seconds per call, each synchronised, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def nf4_bytes(n: int, dtype: torch.dtype, blocksize: int = 64, nested_blocksize: int = 256) -> dict:
+    """Bytes a double-quantised NF4 dequantisation of n elements reads and writes."""
+    n_blocks = math.ceil(n / blocksize)
+    read = (n + 1) // 2 + n_blocks + 4 * math.ceil(n_blocks / nested_blocksize) + 4 * 16 + 4 * 256
+    written = n * torch.empty((), dtype=dtype).element_size()
+    return {"read": read, "written": written, "total": read + written}
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, repeats: int) -> dict:
+    """Device-to-device copy of an nbytes buffer: (read + written) bytes / median seconds."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    times = time_call(lambda: dst.copy_(src), device, repeats)
+    median = statistics.median(times)
+    return {"bytes": nbytes, "median_s": median, "gb_per_s": 2 * nbytes / median / 1e9}
+
+
+def _state_from_bnb(quant_state):
+    """phicore's NF4State for a bitsandbytes QuantState (the same numbers, for the reference)."""
+    from phicore.nf4 import NF4State
+
+    nested = getattr(quant_state, "state2", None)
+    return NF4State(absmax=quant_state.absmax, shape=quant_state.shape, dtype=quant_state.dtype,
+                    blocksize=quant_state.blocksize, code=quant_state.code,
+                    nested_absmax=None if nested is None else nested.absmax,
+                    nested_code=None if nested is None else nested.code,
+                    offset=None if nested is None else float(quant_state.offset),
+                    nested_blocksize=256 if nested is None else nested.blocksize)
+
+
+def backend_runner(backend: str, weight: torch.Tensor, dtype: torch.dtype, device: torch.device):
+    """(call making the dense weight, call making the PyTorch reference of the same packed bytes)
+    or (None, the reason the backend cannot run here)."""
+    if backend in ("triton", "torch"):
+        if backend == "triton" and not kernels.triton_available(device):
+            why = "runs on CPU only in Triton's interpreter (no speed figure)" if device.type == "cpu" else \
+                f"needs triton and a CUDA device ({device.type} here)"
+            return None, why
+        packed, state = quantize_nf4(weight)
+        return (lambda: kernels.dequantize_nf4(packed, state, dtype, backend=backend),
+                lambda: kernels.dequantize_nf4(packed, state, dtype, backend="torch"))
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError as err:
+        return None, f"bitsandbytes is not installed ({err})"
+    if device.type == "mps":
+        return None, "bitsandbytes has no MPS backend"
+    # bnb quantises its own copy (its CPU op picks another 8-bit absmax code for a few blocks
+    # than phicore does); the reference dequantises bnb's bytes with phicore's PyTorch path.
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    return (lambda: bnbf.dequantize_4bit(packed, state),
+            lambda: kernels.dequantize_nf4(packed, _state_from_bnb(state), dtype, backend="torch"))
+
+
+def run(args: argparse.Namespace, argv: list) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
+                                          "mps" if torch.backends.mps.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: torch sees no MPS device")
+    if args.repeats is not None and args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    threads = set_threads(args.threads or (os.cpu_count() if device.type == "cpu" else None))
+    shapes = parse_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else PHI3_MINI_SHAPES
+    repeats = args.repeats or (3 if args.quick else 50 if device.type == "cuda" else 5)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise UsageError(f"--backends: unknown {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
+
+    record = {
+        "command": " ".join(["python", "bench/kernels.py", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "device": {"type": device.type, "name": device_name(device), "cpu": cpu_name(), "threads": threads,
+                   "load_average_at_start": load_average()},
+        "settings": {"dtype": dtype_name, "blocksize": 64, "double_quant": True, "repeats": repeats,
+                     "shapes": [list(s) for s in shapes], "backends": backends,
+                     "bytes_counted": "read: packed codes n/2 + uint8 absmax n/64 + fp32 nested absmax + code "
+                                      "tables; written: n * element size of dtype"},
+        "copy": None,
+        "results": [],
+        "skipped": {},
+    }
+    largest = max(o * i for o, i in shapes) * torch.empty((), dtype=dtype).element_size()
+    record["copy"] = copy_bandwidth(largest, device, repeats)
+    generator = torch.Generator().manual_seed(0)
+    for out_features, in_features in shapes:
+        weight = (torch.randn(out_features, in_features, generator=generator) * 0.02).to(device=device, dtype=dtype)
+        rows = []
+        for backend in backends:
+            fn, reference = backend_runner(backend, weight, dtype, device)
+            if fn is None:
+                record["skipped"][backend] = reference  # the reason
+                continue
+            times = time_call(fn, device, repeats)
+            median = statistics.median(times)
+            counted = nf4_bytes(weight.numel(), dtype)
+            diff = float((fn().float() - reference().float()).abs().max())
+            rows.append({"shape": [out_features, in_features], "backend": backend, "elements": weight.numel(),
+                         "bytes": counted, "median_s": median, "min_s": min(times),
+                         "gb_per_s": counted["total"] / median / 1e9, "elements_per_s": weight.numel() / median,
+                         "fraction_of_copy": counted["total"] / median / 1e9 / record["copy"]["gb_per_s"],
+                         "max_abs_diff_vs_torch": diff})
+        record["results"] += rows
+    return record
+
+
+def table(record: dict) -> str:
+    d, s = record["device"], record["settings"]
+    lines = [f"NF4 dequantisation on {d['name']} [{d['type']}, out {s['dtype']}, {d['threads']} threads], "
+             f"median of {s['repeats']}",
+             f"device copy ceiling: {record['copy']['gb_per_s']:.1f} GB/s ({record['copy']['bytes'] / 2**20:.1f} MiB "
+             "buffer, read + write)", ""]
+    header = ["shape", "backend", "GB/s", "of copy", "ms", "Gelem/s", "max|diff| vs torch"]
+    rows = [[f"{r['shape'][0]}x{r['shape'][1]}", r["backend"], f"{r['gb_per_s']:.2f}",
+             f"{100 * r['fraction_of_copy']:.0f}%", f"{1e3 * r['median_s']:.3f}", f"{r['elements_per_s'] / 1e9:.2f}",
+             "-" if r.get("max_abs_diff_vs_torch") is None else f"{r['max_abs_diff_vs_torch']:.1e}"]
+            for r in record["results"]]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    for backend, why in record["skipped"].items():
+        lines.append(f"{backend}: skipped ({why})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        record = run(args, argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json_path:
+        path = Path(args.json_path)
+    else:
+        tag = record["device"]["type"]
+        if tag == "cuda":
+            tag += "-" + "".join(c if c.isalnum() else "-" for c in record["device"]["name"].lower()).strip("-")
+        path = ROOT / "bench" / "results" / f"kernels-{tag}-{record['date'][:10]}.json"
+    write_json(record, path)
+    print(table(record))
+    print(f"\nwritten: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""Answer prompts with a trained adapter: read the adapter folder, load its base, apply it.
+
+A training run's folder (train.py --out) holds the PEFT adapter files, the tokenizer files and
+`training_config.json`, phicore's record of the base model, the prompt template and the
+quantisation the adapter was trained with. `load_session(folder)` turns that into a `Session`:
+the base loaded once (NF4 again for a QLoRA adapter, as training saw it), the adapter applied,
+and the same `PromptFormat` training used, so a prompt becomes exactly the token ids a training
+example's prompt part became (`format_prompt_for_generation` + `encode_prompt`).
+
+`Session.generate` answers a batch of prompts with the adapter on, or off (`adapter=False`,
+the base alone: the same weights, no second copy). Generation stops on the tokenizer's stop
+tokens and, for `{prompt}`/`{response}` templates, on text: a Phi-2 model trained on
+"Instruct: ...\\nOutput: ..." tends to go on with a new "\\nInstruct:" turn, which is cut off.
+
+`AnswerDecoder` turns token ids into answer text one token at a time for streaming. It only
+hands out text that can no longer change (an incomplete UTF-8 character, a possible start of a
+text stop, trailing spaces are held back), so the streamed pieces join up to exactly the text
+decoded from the finished ids.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .data import ChatTemplateFormat, PromptFormat, encode_prompt, prompt_format_for
+from .generate import generate
+from .lora import CONFIG_NAME, WEIGHTS_NAME, disable_adapter, load_adapter
+from .lora import _read_config as read_peft_config  # checks adapter_config.json (peft_type, fields)
+from .tokenizer import TOKENIZER_FILE, load_tokenizer
+from .train.run import RUN_RECORD
+from .weights import default_device, load_model, parse_dtype
+
+TextCallback = Callable[[int, str], None]  # (row, new text)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class InferenceError(ValueError):
+    """Bad input (adapter folder, base model, flags): one line for the user, CLI exit 2."""
+
+
+# ----------------------------------------------------------------------------- the adapter folder
+@dataclass
+class AdapterInfo:
+    """What an adapter folder says about how to use it."""
+
+    directory: Path
+    base_model: str  # folder or hub id, resolved as far as the local disk allows
+    prompt_template: Optional[str]  # "chat", "instruct", a custom template, or None (tokenizer default)
+    quantization: Optional[dict]  # {"type": "nf4", "double_quant": bool, "compute_dtype": str} or None
+    record: dict = field(default_factory=dict, repr=False)  # training_config.json as read ({} if none)
+    record_path: Optional[Path] = None
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.quantization and self.quantization.get("type"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InferenceError(f"{path}: cannot read ({err})") from None
+    if not isinstance(value, dict):
+        raise InferenceError(f"{path}: expected a JSON object")
+    return value
+
+
+def _resolve_base(recorded: str, adapter_dir: Path) -> str:
+    """A recorded base path is relative to where training ran; try it as given, then next to
+    the adapter (a tiny preset's OUT/base), else leave it to the hub (an id like microsoft/phi-2)."""
+    path = Path(recorded).expanduser()
+    candidates = [path] if path.is_absolute() else [path, adapter_dir / path, adapter_dir.parent / path]
+    candidates.append(adapter_dir / path.name)
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    return recorded
+
+
+def read_adapter_info(directory, base: Optional[str] = None) -> AdapterInfo:
+    """Check that `directory` is an adapter folder and read its run record.
+
+    The record (training_config.json) is looked for in the folder and, for a checkpoint folder
+    such as OUT/best or OUT/checkpoint-40, in its parent. Without one, the base comes from
+    adapter_config.json's base_model_name_or_path and the prompt format from the tokenizer.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        raise InferenceError(f"{directory}: no such adapter folder")
+    if not directory.is_dir():
+        raise InferenceError(f"{directory}: not a folder (--adapter takes train.py's --out folder)")
+    if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / n).is_file()]
+        raise InferenceError(f"{directory}: not an adapter folder (no {' or '.join(missing)}); "
+                             "--adapter takes train.py's --out folder")
+    try:  # adapter_config.json as PEFT writes it, with only what phicore implements
+        adapter_config = read_peft_config(directory)
+    except ValueError as err:
+        raise InferenceError(str(err)) from None
+    record_path = next((p for p in (directory / RUN_RECORD, directory.parent / RUN_RECORD) if p.is_file()), None)
+    record = _read_json(record_path) if record_path else {}
+    recorded = record.get("base_model") or adapter_config.get("base_model_name_or_path")
+    if base is None and not recorded:
+        raise InferenceError(f"{directory}: no base model recorded ({RUN_RECORD} or {CONFIG_NAME}); pass --base")
+    record_dir = record_path.parent if record_path else directory
+    return AdapterInfo(
+        directory=directory,
+        base_model=base if base is not None else _resolve_base(str(recorded), record_dir),
+        prompt_template=record.get("prompt_template"),
+        quantization=record.get("quantization"),
+        record=record,
+        record_path=record_path,
+    )
+
+
+# ----------------------------------------------------------------------------- decoding
+class AnswerDecoder:
+    """Token ids -> answer text, incrementally, with text stops.
+
+    `add(id)` returns the text that became final with this token ("" while held back);
+    `finish()` returns the rest. Joined, the pieces equal `text`: the decoded ids (special
+    tokens skipped) cut at the first text stop, without leading and trailing whitespace.
+    """
+
+    def __init__(self, tokenizer, text_stops: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.text_stops = [s for s in text_stops if s]
+        self.ids: list = []
+        self.stopped = False  # a text stop was generated: the answer is complete
+        self._emitted = ""
+
+    def _visible(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in self.text_stops) if i >= 0]
+        if cuts:
+            text, self.stopped = text[: min(cuts)], True
+        return text.lstrip()
+
+    @property
+    def text(self) -> str:
+        return self._visible().rstrip()
+
+    def _settled(self, text: str) -> str:
+        """The part of a still-growing text that no later token can change."""
+        text = text.rstrip("\ufffd")  # a multi-byte character cut in the middle
+        held = 0
+        for stop in self.text_stops:  # the longest end that could still become a text stop
+            for k in range(min(len(stop) - 1, len(text)), held, -1):
+                if text.endswith(stop[:k]):
+                    held = k
+                    break
+        return text[: len(text) - held].rstrip()
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self._emitted):  # decoding revised earlier text: wait for it to settle
+            return ""
+        new, self._emitted = text[len(self._emitted):], text
+        return new
+
+    def add(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(int(token_id))
+        text = self._visible()
+        return self._emit(text.rstrip() if self.stopped else self._settled(text))
+
+    def finish(self) -> str:
+        return self._emit(self.text)
+
+
+def text_stops_for(prompt_format: PromptFormat) -> list:
+    """Text that starts a new user turn in a `{prompt}`/`{response}` template ("\\nInstruct:"
+    for Phi-2's format): the model has finished its answer when it writes it."""
+    template = getattr(prompt_format, "template", None)
+    if not template:
+        return []
+    opening = re.split(r"\{(?:prompt|system)\}", template, maxsplit=1)[0].strip()
+    return [getattr(prompt_format, "separator", "\n") + opening] if opening else []
+
+
+# ----------------------------------------------------------------------------- the session
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InferenceError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InferenceError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InferenceError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InferenceError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise InferenceError(f"--repetition-penalty must be positive, got {self.repetition_penalty}")
+
+
+@dataclass
+class Answer:
+    token_ids: list  # generated ids, up to (not including) a stop token
+    text: str
+
+
+class _AllStopped(Exception):
+    """Raised from the streaming callback to end generation once every row hit a text stop."""
+
+
+@dataclass
+class Session:
+    """A base model with an adapter applied, its tokenizer and the training prompt format."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    prompt_format: PromptFormat
+    info: AdapterInfo
+    stop_ids: list
+    text_stops: list
+    warn: Callable[[str], None] = field(default=_warn, repr=False)
+
+    @property
+    def multi_turn(self) -> bool:
+        """Chat-template models see the whole conversation; template formats one exchange."""
+        return isinstance(self.prompt_format, ChatTemplateFormat)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def prompt_text(self, messages, system: Optional[str] = None) -> str:
+        """A prompt string or [{"role", "content"}] messages -> the text training's prompts had."""
+        return self.prompt_format.format_prompt_for_generation(messages, system=system)
+
+    def prompt_ids(self, messages, system: Optional[str] = None) -> list:
+        return encode_prompt(self.tokenizer, self.prompt_text(messages, system))
+
+    def _fit(self, ids: list, max_new_tokens: int) -> list:
+        room = self.context_length - max_new_tokens
+        if room < 1:
+            raise InferenceError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's "
+                                 f"{self.context_length}-token context")
+        if len(ids) > room:
+            self.warn(f"warning: prompt of {len(ids)} tokens cut to its last {room} to fit the context")
+            return ids[-room:]
+        return ids
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, *, adapter: bool = True,
+                 on_text: Optional[TextCallback] = None) -> list:
+        """Answer a batch of prompt id lists; `on_text(row, piece)` receives text as it is settled."""
+        prompts = [self._fit(list(p), settings.max_new_tokens) for p in prompts]
+        decoders = [AnswerDecoder(self.tokenizer, self.text_stops) for _ in prompts]
+        done = [False] * len(prompts)
+
+        def step(tokens):
+            for row, token in enumerate(tokens):
+                if done[row]:
+                    continue
+                if token is None:  # a stop token: generate leaves it out of the answer
+                    done[row] = True
+                    continue
+                piece = decoders[row].add(token)
+                if piece and on_text is not None:
+                    on_text(row, piece)
+                done[row] = decoders[row].stopped
+            if all(done):
+                raise _AllStopped
+
+        kwargs = dict(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                      top_p=settings.top_p, top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
+                      seed=settings.seed, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id, stream=step)
+        try:
+            if adapter:
+                generate(self.model, prompts, **kwargs)
+            else:
+                with disable_adapter(self.model):
+                    generate(self.model, prompts, **kwargs)
+        except _AllStopped:
+            pass
+        answers = []
+        for row, decoder in enumerate(decoders):
+            rest = decoder.finish()
+            if rest and on_text is not None:
+                on_text(row, rest)
+            answers.append(Answer(decoder.ids, decoder.text))
+        return answers
+
+    def answer(self, messages, settings: GenerationSettings, *, adapter: bool = True, system: Optional[str] = None,
+               on_text: Optional[Callable[[str], None]] = None) -> Answer:
+        """One prompt (or conversation) -> its answer, streamed to `on_text(piece)` if given."""
+        callback = None if on_text is None else (lambda row, piece: on_text(piece))
+        return self.generate([self.prompt_ids(messages, system)], settings, adapter=adapter, on_text=callback)[0]
+
+
+def load_session(adapter_dir, *, base: Optional[str] = None, device=None, dtype=None, quantize: Optional[str] = None,
+                 dense: bool = False, warn: Optional[Callable[[str], None]] = None) -> Session:
+    """Load the base recorded in the adapter folder (or `base`), apply the adapter, and pick the
+    training prompt format.
+
+    quantize: "nf4" loads the base in 4-bit even if the adapter was trained on a dense one;
+        by default a QLoRA adapter's base is loaded NF4 as in training (with its double_quant).
+    dense: after loading an NF4 base, replace it by its dequantised weights in the compute
+        dtype (the same numbers training saw; needed to merge or export).
+    """
+    info = read_adapter_info(adapter_dir, base)
+    try:
+        device = torch.device(device) if device else default_device()
+        dtype = parse_dtype(dtype)
+    except (RuntimeError, ValueError) as err:
+        raise InferenceError(f"--device/--dtype: {err}") from None
+    if quantize not in (None, "nf4"):
+        raise InferenceError(f"--quantize {quantize!r} is not supported (nf4)")
+    recorded = info.quantization or {}
+    quantize = quantize or (recorded.get("type") if info.quantized else None)
+    try:
+        tokenizer_dir = info.directory if (info.directory / TOKENIZER_FILE).is_file() else info.base_model
+        tokenizer = load_tokenizer(tokenizer_dir)
+        model = load_model(info.base_model, dtype=dtype, device=device, quantize=quantize,
+                           double_quant=bool(recorded.get("double_quant", True)))
+    except (FileNotFoundError, ValueError) as err:
+        raise InferenceError(f"base model of {info.directory}: {err} (--base chooses another)") from None
+    if dense:
+        from .export.merge import dequantize_nf4_layers
+
+        dequantize_nf4_layers(model)
+    try:
+        load_adapter(model, info.directory, dtype=torch.float32)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        raise InferenceError(f"adapter does not fit the base {info.base_model}: {err}") from None
+    model.eval()
+    try:
+        prompt_format = prompt_format_for(tokenizer, template=info.prompt_template)
+    except ValueError as err:
+        raise InferenceError(f"{info.record_path or info.directory}: prompt_template: {err}") from None
+    stop_ids = sorted(set(tokenizer.stop_token_ids) | set(model.config.eos_token_ids))
+    session = Session(model, tokenizer, prompt_format, info, stop_ids, text_stops_for(prompt_format))
+    if warn is not None:
+        session.warn = warn
+    return session
+
+
+# ----------------------------------------------------------------------------- prompt files
+def read_prompts(path, stdin=None) -> list:
+    """Prompts from a file ("-" for stdin): JSONL with a "prompt" field per line (a .jsonl file,
+    or any file whose first line is a JSON object), else one prompt per non-empty line."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    try:
+        text = (stdin or sys.stdin).read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InferenceError(f"{name}: no such prompts file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InferenceError(f"{name}: cannot read ({err})") from None
+    lines = text.splitlines()
+    first = next((line.strip() for line in lines if line.strip()), "")
+    as_jsonl = name.endswith(".jsonl") or first.startswith("{")
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not as_jsonl:
+            prompts.append(line.strip())
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InferenceError(f"{name}:{number}: not valid JSON ({err.msg})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InferenceError(f"{name}:{number}: expected an object with a non-empty string \"prompt\"")
+        prompts.append(prompt)
+    if not prompts:
+        raise InferenceError(f"{name}: no prompts")
+    return prompts

@@ -1,0 +1,149 @@
+"""Smoke tests of the benchmarks: bench/throughput.py on the `tiny` shape with 2 steps, and
+bench/kernels.py --quick, on CPU. They check what the results files record, and that every
+engine trains the same model (equal check losses); they assert no timings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("phicore-lora", "phicore-qlora", "hf-lora", "hf-qlora")
+REQUIRED = ("tokens_per_s", "step_s_median", "peak_mem_bytes")
+
+
+def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One throughput run over all four engines: tiny shape, 2 timed steps, short generation."""
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    proc = _run("throughput.py", "--shape", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
+                "--threads", "1", "--new-tokens", "4", "--gen-repeats", "1", "--prompt-len", "16",
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_throughput_records_every_engine(tiny_run):
+    record, stdout = tiny_run
+    assert set(record["engines"]) == set(ENGINES)
+    for name, engine in record["engines"].items():
+        if "skipped" in engine:  # only a missing library may skip an engine here
+            assert isinstance(engine["skipped"], str) and "not installed" in engine["skipped"], (name, engine)
+            continue
+        for key in REQUIRED:
+            assert engine[key] > 0, (name, key)
+        spread = engine["step_s"]
+        assert spread["min"] <= spread["median"] <= spread["max"]
+        assert len(engine["step_s_all"]) == 2 and len(engine["losses"]) == 3  # warm-up + 2 timed
+        assert all(math.isfinite(loss) for loss in engine["losses"])
+        assert engine["tokens_per_s"] == pytest.approx(2 * 64 / engine["step_s_median"])
+        assert set(engine["phases_s_median"]) == {"forward_loss", "backward", "optimizer"}
+        assert engine["inference"]["new_tokens"] == 4 and engine["inference"]["decode_tokens_per_s"] > 0
+        assert engine["trainable_params"] > 0
+        assert engine["step_cpu_s"]["median"] > 0
+        if "step_malloc_peak_bytes" in engine:  # glibc: the per-step tensor memory
+            assert engine["step_malloc_peak_bytes"] > 0
+        assert name in stdout  # a table row per engine
+    # the table's ratio lines and the ratios object name the pairs that both ran
+    for pair, ratio in record["ratios"].items():
+        assert pair in ("phicore-lora/hf-lora", "phicore-qlora/hf-qlora")
+        assert ratio["tokens_per_s"] > 0 and ratio["peak_mem_bytes"] > 0
+
+
+def test_throughput_records_settings_and_provenance(tiny_run):
+    record, _ = tiny_run
+    settings = record["settings"]
+    assert settings["shape"] == "tiny" and settings["seq_len"] == 64 and settings["batch_size"] == 2
+    assert settings["steps"] == 2 and settings["warmup"] == 1 and settings["threads"] == 1
+    assert settings["lora"] == {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"}
+    assert settings["grad_checkpointing"] is True and settings["dtype"] == "fp32"
+    assert record["command"].split()[1:3] == ["bench/throughput.py", "--shape"]
+    assert record["device"]["type"] == "cpu" and record["device"]["name"]
+    assert record["versions"]["torch"]
+    assert "random" in record["weights"]["how"]
+
+
+def test_engines_train_the_same_model(tiny_run):
+    """Same checkpoint, same batch, LoRA B = 0: the untrained losses agree across stacks.
+    LoRA vs LoRA exactly (fp32 rounding); QLoRA vs QLoRA to NF4 rounding (bnb's CPU op picks
+    another 8-bit absmax code than phicore for a few blocks)."""
+    engines = tiny_run[0]["engines"]
+    ran = {name: e for name, e in engines.items() if "skipped" not in e}
+    if {"phicore-lora", "hf-lora"} <= set(ran):
+        assert ran["phicore-lora"]["check_loss"] == pytest.approx(ran["hf-lora"]["check_loss"], rel=1e-5)
+    if {"phicore-qlora", "hf-qlora"} <= set(ran):
+        assert ran["phicore-qlora"]["check_loss"] == pytest.approx(ran["hf-qlora"]["check_loss"], abs=2e-3)
+    # the same layers get adapters on both sides
+    for ours, theirs in (("phicore-lora", "hf-lora"), ("phicore-qlora", "hf-qlora")):
+        if {ours, theirs} <= set(ran):
+            assert ran[ours]["trainable_params"] == ran[theirs]["trainable_params"]
+
+
+def test_missing_library_skips_with_a_reason(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench import throughput
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "peft" else real_find_spec(name, *a))
+    out = tmp_path / "skip.json"
+    assert throughput.main(["--shape", "tiny", "--device", "cpu", "--engines", "hf-lora", "--threads", "1",
+                            "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["engines"] == {"hf-lora": {"skipped": "peft is not installed"}}
+    assert record["ratios"] == {}
+    assert "hf-lora  skipped: peft is not installed" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_2(capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench import throughput
+
+    assert throughput.main(["--engines", "phicore-lora,nope", "--device", "cpu"]) == 2
+    assert "--engines: unknown nope" in capsys.readouterr().err
+    assert throughput.main(["--shape", "tiny", "--seq-len", "5000", "--device", "cpu"]) == 2
+    from bench import kernels as bench_kernels
+
+    assert bench_kernels.main(["--device", "cpu", "--shapes", "3x"]) == 2
+    assert "--shapes: '3x' is not OUTxIN" in capsys.readouterr().err
+
+
+def test_kernels_quick(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench import kernels as bench_kernels  # in-process: the torch import is already paid
+
+    import torch
+
+    out = tmp_path / "kernels.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_kernels.main(["--device", "cpu", "--quick", "--repeats", "1", "--threads", "1",
+                                   "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads set it for this whole process
+    record = json.loads(out.read_text())
+    assert record["copy"]["gb_per_s"] > 0
+    backends = {row["backend"] for row in record["results"]}
+    assert "torch" in backends
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        assert "bitsandbytes" in backends
+    assert "triton" in record["skipped"]  # no speed figure from Triton's CPU interpreter
+    for row in record["results"]:
+        assert row["gb_per_s"] > 0
+        assert row["bytes"]["written"] == row["elements"] * 4  # fp32 out
+        assert row["max_abs_diff_vs_torch"] == 0.0  # bit-identical to the reference on the same bytes
+    assert "GB/s" in capsys.readouterr().out
