@@ -32,7 +32,7 @@ import torch
 from .data import ChatTemplateFormat, PromptFormat, encode_prompt, prompt_format_for
 from .generate import generate
 from .lora import CONFIG_NAME, WEIGHTS_NAME, disable_adapter, load_adapter
-from .lora import _read_config as read_peft_config  # checks adapter_config.json (peft_type, fields)
+from .lora import read_adapter_config  # checks adapter_config.json (peft_type, fields)
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
 from .train.run import RUN_RECORD
 from .weights import default_device, load_model, parse_dtype
@@ -104,7 +104,7 @@ def read_adapter_info(directory, base: Optional[str] = None) -> AdapterInfo:
         raise InferenceError(f"{directory}: not an adapter folder (no {' or '.join(missing)}); "
                              "--adapter takes train.py's --out folder")
     try:  # adapter_config.json as PEFT writes it, with only what phicore implements
-        adapter_config = read_peft_config(directory)
+        adapter_config = read_adapter_config(directory)
     except ValueError as err:
         raise InferenceError(str(err)) from None
     record_path = next((p for p in (directory / RUN_RECORD, directory.parent / RUN_RECORD) if p.is_file()), None)

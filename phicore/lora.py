@@ -720,7 +720,8 @@ _UNSUPPORTED_FIELDS = (
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
-def _read_config(directory: Path) -> dict:
+def read_adapter_config(directory: Path) -> dict:
+    """adapter_config.json of a PEFT adapter folder, checked (peft_type LORA, the fields phicore reads)."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (not a PEFT adapter folder)")
@@ -790,7 +791,7 @@ def load_adapter(model: nn.Module, directory, *, trainable: bool = False,
     directory = Path(directory)
     if any(True for _ in lora_layers(model)):
         raise ValueError("load_adapter: the model already has LoRA layers; load the adapter into a fresh model")
-    config = _read_config(directory)
+    config = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME
     tensors = _read_tensors(weights_path)
 
