@@ -51,15 +51,22 @@ class Clock:
         return elapsed
 
 
-def _proc_status_bytes(field: str) -> Optional[int]:
+def proc_status(*fields: str) -> dict:
+    """{field: bytes} for memory lines of /proc/self/status ("VmHWM:   123456 kB"); {} off Linux."""
+    values = {}
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+                key, _, rest = line.partition(":")
+                if key in fields:
+                    values[key] = int(rest.split()[0]) * 1024
     except OSError:
-        return None
-    return None
+        return {}
+    return values
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+    return proc_status(field).get(field)
 
 
 def rss_bytes() -> Optional[int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -34,6 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 # bench/ holds a kernels.py: keep it from shadowing phicore's `kernels` package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO))
+
+from bench._measure import proc_status  # noqa: E402
+
+STATUS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 DEFAULT_DIR = Path("/tmp/phicore-bench/phi-2-random-fp16")
 
 # microsoft/phi-2 config.json (reference.md section 1)
@@ -99,18 +104,8 @@ def write_random_checkpoint(directory: Path, max_shard_bytes: int = 5 * 10**9) -
     (directory / "config.json").write_text(json.dumps(PHI2_CONFIG, indent=2))  # last: marks the folder complete
 
 
-def _status_kib() -> dict:
-    fields = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                fields[key] = int(rest.split()[0])
-    return fields
-
-
 class MemorySampler(threading.Thread):
-    """Samples /proc/self/status every `interval` seconds and keeps each field's peak (KiB)."""
+    """Samples /proc/self/status every `interval` seconds and keeps each field's peak (bytes)."""
 
     def __init__(self, interval: float = 0.005):
         super().__init__(daemon=True)
@@ -118,14 +113,14 @@ class MemorySampler(threading.Thread):
 
     def run(self):
         while not self._halt.is_set():
-            for key, value in _status_kib().items():
+            for key, value in proc_status(*STATUS_FIELDS).items():
                 self.peaks[key] = max(self.peaks.get(key, 0), value)
             time.sleep(self.interval)
 
     def stop(self) -> dict:
         self._halt.set()
         self.join()
-        for key, value in _status_kib().items():
+        for key, value in proc_status(*STATUS_FIELDS).items():
             self.peaks[key] = max(self.peaks.get(key, 0), value)
         return self.peaks
 
@@ -133,41 +128,34 @@ class MemorySampler(threading.Thread):
 def measure(checkpoint: Path, dtype: str) -> dict:
     """Runs inside the measuring subprocess: load as NF4 and report memory figures (bytes)."""
     import torch
-    from safetensors import safe_open
 
     import phicore
     from phicore.nf4 import NF4Linear
+    from phicore.weights import read_header_shapes
 
     torch.set_num_threads(os.cpu_count() or 1)
-    baseline = _status_kib()
+    baseline = proc_status(*STATUS_FIELDS)
     sampler = MemorySampler()
     sampler.start()
     started = time.perf_counter()
     model = phicore.load_model(checkpoint, device="cpu", dtype=dtype, quantize="nf4")
     seconds = time.perf_counter() - started
     peaks = sampler.stop()
-    after = _status_kib()
+    after = proc_status(*STATUS_FIELDS)
 
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # tied weights count once here
     packed = sum(m.weight.numel() for m in model.modules() if isinstance(m, NF4Linear))
-    largest = 0
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as reader:
-            for key in reader.keys():
-                shape = reader.get_slice(key).get_shape()
-                numel = 1
-                for d in shape:
-                    numel *= d
-                largest = max(largest, numel * torch.tensor([], dtype=getattr(torch, dtype)).element_size())
-    kib = 1024
+    element_size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    shapes = read_header_shapes(sorted(checkpoint.glob("*.safetensors")))  # key -> (file, shape)
+    largest = max(math.prod(shape) for _, shape in shapes.values()) * element_size
     return {
         "load_seconds": round(seconds, 2),
-        "baseline_rss_bytes": baseline["VmRSS"] * kib,
-        "peak_rss_bytes": peaks["VmHWM"] * kib,
-        "peak_anon_bytes": peaks["RssAnon"] * kib,
-        "peak_file_backed_bytes": peaks["RssFile"] * kib,
-        "rss_after_load_bytes": after["VmRSS"] * kib,
-        "anon_after_load_bytes": after["RssAnon"] * kib,
+        "baseline_rss_bytes": baseline["VmRSS"],
+        "peak_rss_bytes": peaks["VmHWM"],
+        "peak_anon_bytes": peaks["RssAnon"],
+        "peak_file_backed_bytes": peaks["RssFile"],
+        "rss_after_load_bytes": after["VmRSS"],
+        "anon_after_load_bytes": after["RssAnon"],
         "model_state_bytes": held,
         "packed_nf4_weight_bytes": packed,
         "largest_dense_tensor_bytes": largest,

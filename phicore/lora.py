@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -42,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from .weights import atomic_save_safetensors, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -694,19 +694,9 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: Optional[
     base = base_model_name_or_path or lora_config.get("base_model_name_or_path") or _default_base_name(model)
     tensors = {PEFT_PREFIX + key: t.detach().to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
     config = json.dumps(_peft_config(lora_config, base), indent=2, sort_keys=True)
-    _write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _write_atomic(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config, encoding="utf-8"))
+    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME)
+    atomic_write_text(directory / CONFIG_NAME, config)
     return directory
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp) then rename over `path`: readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # adapter_config.json fields whose non-default values change what the adapter computes or

@@ -143,7 +143,7 @@ def stream_weights(model: nn.Module, shapes: dict, dtype: torch.dtype, device, s
     Pre-quantised (bitsandbytes) layers are read as a group: packed bytes plus quant state.
     """
     skip = set(skip)
-    prequantized = prequantized_layers(shapes)
+    prequantized = set(prequantized_layers(shapes))
     for key in shapes:
         if key in skip or key.rpartition(".weight")[0] in prequantized or key.rpartition(".")[0] in prequantized:
             continue
@@ -227,16 +227,23 @@ def load_model(name_or_path, *, dtype=None, device=None, quantize: Optional[str]
 
 
 # ----------------------------------------------------------------------------- writing
-def atomic_write_text(path: Path, text: str) -> None:
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp) then rename over `path`: readers never see a half-written file, and a failed
+    write leaves no temporary file behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
-    os.replace(tmp, path)
+    _write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
 
 
 def _shards(state: dict, max_shard_bytes: int) -> list:

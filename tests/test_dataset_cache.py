@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402
+from train_runs import run_main, write_jsonl  # noqa: E402
+from bench.cache_memory import PEAK_RSS_WRAPPER  # noqa: E402
 from phicore.data import DataError, prompt_format_for, read_conversations, tokenize_dataset  # noqa: E402
 from phicore.data import cache  # noqa: E402
 from phicore.data.formats import iter_conversations  # noqa: E402
@@ -46,18 +47,6 @@ def records(n: int) -> list[dict]:
         response = f"{i + i % 5}, says my cat." + (" Purr." * 12 if i % 7 == 1 else "")
         out.append({"prompt": prompt, "response": response})
     return out
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def run_main(*args) -> int:
-    try:
-        return train.main([str(a) for a in args])
-    except SystemExit as exit:
-        return exit.code
 
 
 def build(path, tokenizer, fmt, cache_dir, workers=None, max_length=64, train_on_prompt=False):
@@ -209,18 +198,9 @@ def test_a_failed_build_leaves_nothing_and_racing_builders_agree(bases, tmp_path
 
 # ----------------------------------------------------------------------------- memory
 
-# Runs train.py and prints its own VmHWM (peak resident set) at exit. Not ru_maxrss from
-# wait4: Linux carries ru_maxrss across fork + exec, so a child started from this (large)
-# test process would report this process's size whenever that is the larger.
-PEAK_RSS_WRAPPER = (
-    "import atexit, runpy, sys\n"
-    "def report():\n"
-    "    hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM')]\n"
-    "    print('peak-rss-kib', hwm[0].split()[1] if hwm else -1, flush=True)\n"
-    "atexit.register(report)\n"
-    "sys.argv = sys.argv[1:]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-)
+# bench/cache_memory.py's wrapper runs train.py and prints its own VmHWM (peak resident set)
+# at exit. Not ru_maxrss from wait4: Linux carries ru_maxrss across fork + exec, so a child
+# started from this (large) test process would report this process's size whenever larger.
 
 
 def _peak_rss_mib(args: list, log: Path) -> float:

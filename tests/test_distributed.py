@@ -27,13 +27,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
+from train_runs import adapter, run_main  # noqa: E402
 from phicore.lora import load_adapter  # noqa: E402
 from phicore.tiny import build_tiny  # noqa: E402
 from phicore.train.checkpoint import list_checkpoints  # noqa: E402
@@ -62,17 +62,6 @@ def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "nine.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-def run_main(*args) -> int:
-    try:
-        return train.main([str(a) for a in args])
-    except SystemExit as exit:
-        return exit.code
-
-
-def adapter(out) -> dict:
-    return load_file(str(Path(out) / "adapter_model.safetensors"))
 
 
 def max_diff(a: dict, b: dict) -> float:

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (train.py at the repo root)
+from train_runs import adapter, run_main, write_jsonl  # noqa: E402
 from phicore.data import (BatchPlan, collate, collate_packed, conversations_from_records,  # noqa: E402
                           prompt_format_for, tokenize_dataset)
 from phicore.lora import apply_lora, load_adapter  # noqa: E402
@@ -52,26 +52,9 @@ def _pairs(n: int) -> list[dict]:
     return [{"prompt": f"{i} plus {i % 7}?", "response": f"{i + i % 7}, says my cat."} for i in range(n)]
 
 
-def _write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    return _write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", _pairs(24))
-
-
-def run_main(*args) -> int:
-    """train.main in-process; argparse's SystemExit becomes its code."""
-    try:
-        return train.main([str(a) for a in args])
-    except SystemExit as exit:
-        return exit.code
-
-
-def adapter(out: Path) -> dict:
-    return load_file(str(Path(out) / "adapter_model.safetensors"))
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", _pairs(24))
 
 
 def metrics(out: Path) -> list[dict]:
@@ -248,7 +231,7 @@ def test_grad_accum_is_token_normalised(bases, tmp_path):
                {"prompt": "12 plus 30?", "response": "42, says my cat, who is very good at sums."},
                {"prompt": "5 plus 5?", "response": "10, says my cat."},
                {"prompt": "Why sums?", "response": "Because the cat insists, every single evening."}]
-    data = _write_jsonl(tmp_path / "four.jsonl", records)
+    data = write_jsonl(tmp_path / "four.jsonl", records)
     # lr 2e-4 (the default): Adam turns a gradient's fp32 summation-order noise (~5e-7 relative)
     # into update differences of up to ~lr on near-zero elements; a wrong normalisation changes
     # the update direction and shows as differences of order lr (2e-4), far above the 1e-6 bound

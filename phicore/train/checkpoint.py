@@ -26,12 +26,11 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from ..lora import adapter_state_dict, save_adapter
+from ..lora import PEFT_PREFIX, adapter_state_dict, save_adapter
 from .distributed import DistContext, copy_full_into
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
-PEFT_PREFIX = "base_model.model."
 
 
 def checkpoint_dir(out_dir, step: int) -> Path:

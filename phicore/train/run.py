@@ -27,7 +27,7 @@ from ..data.collate import split_indices
 from ..lora import apply_lora
 from ..tiny import TINY_PRESETS, build_tiny
 from ..tokenizer import load_tokenizer
-from ..weights import default_device, default_dtype, load_model, parse_dtype
+from ..weights import atomic_write_text, default_device, default_dtype, load_model, parse_dtype
 from .checkpoint import checkpoint_world_size, list_checkpoints, resolve_resume
 from .distributed import DistContext, DistributedSetupError
 from .loop import TrainConfig, TrainResult
@@ -66,9 +66,7 @@ class Run:
             "seconds": round(result.seconds, 3), "tokens": result.tokens,
             "peak_memory_bytes": result.peak_memory_bytes, "stopped_early": result.stopped_early,
         }}
-        tmp = self.out_dir / (RUN_RECORD + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-        tmp.replace(self.out_dir / RUN_RECORD)
+        atomic_write_text(self.out_dir / RUN_RECORD, json.dumps(record, indent=2, default=str))
 
 
 def _check_flags(args):
