@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "use-dora", False, "weight-decomposed LoRA (DoRA)")
     _bool_flag(p, "grad-checkpointing", True, "recompute each decoder layer in backward to save memory",
                "--gradient_checkpointing")
+    _bool_flag(p, "offload-checkpoints", False, "with --grad-checkpointing: hold each decoder layer's checkpointed "
+               "input in pinned CPU memory until backward instead of on the GPU (saves layers x tokens x hidden "
+               "x 2 bytes, ~0.4 GB for Phi-3-mini at 2048 tokens; costs two PCIe copies of each, overlapped)")
     a("--eval-every", type=int, default=None, help="evaluate every N steps (default: every epoch)")
     a("--save-every", type=int, default=None, help="write a checkpoint every N steps")
     a("--keep-last", type=int, default=2, help="checkpoints to keep")

@@ -79,10 +79,56 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------- phicore
+def _full_logits_loss(model, batch) -> torch.Tensor:
+    """The loss before the chunked linear + cross-entropy: full (B, T, V) logits, fp32 CE."""
+    logits = model(batch.input_ids, batch.attention_mask, batch.position_ids)  # (B, T, V)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+
+
+def _torch_op(op: str):
+    def apply(engine):
+        import kernels
+
+        kernels.set_default_backend("torch", op=op)
+    return apply
+
+
+def _unfused_lora(engine):
+    from phicore.lora import set_fused_lora
+
+    set_fused_lora(False)
+
+
+def _sdpa_attention(engine):
+    from phicore.attention import set_packed_attention
+
+    set_packed_attention("sdpa")
+
+
+def _offload_checkpoints(engine):
+    engine.model.checkpoint_offload = True
+
+
+# --phicore-option NAME: each turns one issue-7 change off (or an optional one on), so a run
+# measures that change alone against the default phicore path (bench/NOTES.md)
+PHICORE_OPTIONS = {
+    "full-logits-loss": ("loss from the full (tokens x vocab) logits, not the chunked linear + CE", None),
+    "unfused-lora": ("LoRA through the reference path, not the fused autograd node", _unfused_lora),
+    "offload-checkpoints": ("gradient-checkpointed layer inputs kept in (pinned) CPU memory", _offload_checkpoints),
+    "sdpa-attention": ("windowed or packed rows through SDPA's dense mask, not flex_attention", _sdpa_attention),
+    **{f"torch-{op.replace('_', '-')}": (f"{op} through PyTorch, not its Triton kernel", _torch_op(op))
+       for op in ("nf4", "rms_norm", "layer_norm", "rope", "swiglu", "gelu_tanh")},
+}
+
+
 class PhicoreEngine(Engine):
-    """phicore: load_model (+ quantize="nf4"), apply_lora, token_loss_sum, generate."""
+    """phicore: load_model (+ quantize="nf4"), apply_lora, token_loss_sum, generate.
+
+    `options` (names in PHICORE_OPTIONS) switch single changes off for ablations."""
 
     name = "phicore-lora"
+    options: tuple = ()
 
     def prepare(self, model_type: str) -> None:
         import phicore.generate  # noqa: F401
@@ -102,11 +148,16 @@ class PhicoreEngine(Engine):
         apply_lora(self.model, r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
                    targets=self.lora.target_list())
         self.model.gradient_checkpointing = self.grad_checkpointing
+        for option in self.options:
+            apply = PHICORE_OPTIONS[option][1]
+            if apply is not None:
+                apply(self)
 
     def forward_loss(self, batch) -> torch.Tensor:
         from phicore.train.loop import token_loss_sum
 
-        return token_loss_sum(self.model, batch) / max(batch.num_target_tokens, 1)
+        loss_sum = _full_logits_loss if "full-logits-loss" in self.options else token_loss_sum
+        return loss_sum(self.model, batch) / max(batch.num_target_tokens, 1)
 
     def generate(self, prompt: list, new_tokens: int) -> int:
         from phicore.generate import generate
@@ -117,7 +168,7 @@ class PhicoreEngine(Engine):
         import kernels
 
         out = {"lora_target_modules": self.model.lora_config["target_modules"],
-               "attention": "torch.nn.functional.scaled_dot_product_attention"}
+               "attention": "torch.nn.functional.scaled_dot_product_attention", "options": list(self.options)}
         if self.quantize:
             backend = kernels.get_default_backend()
             if backend == "auto":

@@ -89,3 +89,32 @@ def parameter_count(config: dict) -> int:
         per_layer = (D + 1) * (H + 2 * KV) * d + (H * d + 1) * D + (D + 1) * I + (I + 1) * D + 2 * D
         head = V * D + V + 2 * D
     return V * D + L * per_layer + head
+
+
+def matmul_parameter_count(config: dict) -> int:
+    """Weights that take part in a matrix product per token: every projection of every layer and
+    the lm_head (embeddings are a lookup; norms and biases are elementwise)."""
+    D, I, L, V = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    H, KV = config["num_attention_heads"], config["num_key_value_heads"]
+    d = config.get("head_dim") or D // H
+    mlp_in = 2 * I if config["model_type"] == "phi3" else I  # Phi-3's gate_up_proj is one (2I, D) matrix
+    per_layer = D * (H + 2 * KV) * d + H * d * D + D * mlp_in + I * D
+    return L * per_layer + V * D
+
+
+def training_flops_per_token(config: dict, seq_len: int) -> dict:
+    """Model FLOPs per trained token for LoRA/QLoRA (frozen base: no weight gradients).
+
+    "linear" is the MFU numerator asked for by issue 7: forward 2N + backward-input 2N with
+    N = matmul_parameter_count (LoRA's own products, ~1 % at r = 16, and the recomputation under
+    gradient checkpointing are not counted: model FLOPs, not hardware FLOPs).
+    "attention" is reported beside it: causal scores and weighted sums, on average (T + 1) / 2
+    keys per query, 2 x 2 x keys x H x d FLOPs forward per layer, and twice that backward
+    (dQ, dK, dV and dP are all input gradients).
+    """
+    D, L, H = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
+    d = config.get("head_dim") or D // H
+    N = matmul_parameter_count(config)
+    mean_keys = (seq_len + 1) / 2
+    attention_forward = 4 * mean_keys * H * d * L
+    return {"matmul_params": N, "linear": 4 * N, "attention": 3 * attention_forward}

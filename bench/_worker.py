@@ -2,8 +2,9 @@
 
     python bench/_worker.py JOB.json RESULT.json
 
-JOB["job"] is "checkpoint" (write the random-weight checkpoint every engine loads) or "engine"
-(load, add LoRA, time training steps, time generation, for JOB["engine"]). The result is written
+JOB["job"] is "checkpoint" (write the random-weight checkpoint every engine loads), "peak" (the
+device's measured matrix-product rate in the run dtype: the MFU denominator) or "engine" (load,
+add LoRA, time training steps, time generation, for JOB["engine"]). The result is written
 as JSON; an engine that cannot run here writes {"skipped": reason}.
 
 Per engine, in order:
@@ -34,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench._engines import ENGINES, LoraSettings, Unavailable  # noqa: E402
-from bench._measure import Clock, MallocPeak, MemoryProbe, rss_bytes, set_threads, sync  # noqa: E402
+from bench._engines import ENGINES, LoraSettings, PhicoreEngine, Unavailable  # noqa: E402
+from bench._measure import Clock, MallocPeak, MemoryProbe, matmul_peak, rss_bytes, set_threads, sync  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -209,6 +210,8 @@ def run_engine(job: dict) -> dict:
     result = {"engine": job["engine"], "threads": threads, "rss_after_import_bytes": rss_bytes()}
     lora = LoraSettings(**job["lora"])
     engine = ENGINES[job["engine"]](device, dtype, lora, job["grad_checkpointing"])
+    if isinstance(engine, PhicoreEngine):
+        engine.options = tuple(job.get("phicore_options") or ())
     engine.prepare(job["model_config"]["model_type"])
     vocab_size = job["model_config"]["vocab_size"]
 
@@ -286,7 +289,13 @@ def main(argv: list) -> int:
     job_path, out_path = Path(argv[0]), Path(argv[1])
     job = json.loads(job_path.read_text(encoding="utf-8"))
     try:
-        result = make_checkpoint(job) if job["job"] == "checkpoint" else run_engine(job)
+        if job["job"] == "checkpoint":
+            result = make_checkpoint(job)
+        elif job["job"] == "peak":
+            set_threads(job.get("threads"))
+            result = matmul_peak(torch.device(job["device"]), DTYPES[job["dtype"]], job.get("peak_size"))
+        else:
+            result = run_engine(job)
     except Unavailable as err:
         result = {"skipped": str(err)}
     except Exception as err:  # noqa: BLE001 - one engine failing must not lose the others' figures

@@ -1,4 +1,5 @@
-"""NF4 dequantisation bandwidth: phicore's Triton kernel, its PyTorch fallback, bitsandbytes.
+"""NF4 dequantisation bandwidth: phicore's Triton kernel, its PyTorch fallback, bitsandbytes;
+and the NF4 matrix-vector product of batch-1 decoding (x @ W^T from the 4-bit bytes).
 
     python bench/kernels.py                      # the device's default, Phi-3-mini's linear shapes
     python bench/kernels.py --device cpu --quick
@@ -15,6 +16,17 @@ backends:
                 Triton's interpreter, which is no speed figure, so it is skipped there)
   torch         kernels.dequantize_nf4(..., backend="torch"): the PyTorch fallback, any device
   bitsandbytes  bitsandbytes.functional.dequantize_4bit of a bnb.functional.quantize_4bit weight
+gemv (x of --gemv-rows rows, default 1: one decode token; weights 3072x3072 and 8192x3072 as
+Phi-3-mini's o_proj / gate_up half, 2560x10240 as Phi-2's fc2; --quick: one tiny shape). GB/s
+counts the NF4 bytes read (packed codes, absmax, nested absmax, tables; x and y are noise) over
+the median time; `vs dequant+matmul` is the dense path's time over the row's:
+  triton          kernels.nf4_matvec(..., backend="triton"): kernels/nf4_gemv_triton.py (CUDA;
+                  skipped on a CPU, where only the interpreter runs it)
+  dequant+matmul  what NF4Linear did before: kernels.dequantize_nf4 (the device's default backend)
+                  then F.linear; on a CPU this is also kernels.nf4_matvec's torch reference
+  bitsandbytes    bnb.matmul_4bit (its gemv_4bit for one row) on bnb's own quantisation
+Each row's output is compared with the torch reference on the same bytes (max relative diff).
+--backends applies to the dequantisation table only; the gemv case runs all three.
 A table is printed; a JSON file is written to bench/results/kernels-<device>-<date>.json
 (or --json PATH).
 """
@@ -47,6 +59,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Phi-3-mini's linear layers (out, in): qkv_proj, o_proj, gate_up_proj, down_proj
 PHI3_MINI_SHAPES = [(9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]
 QUICK_SHAPES = [(256, 512), (512, 256)]
+# gemv: Phi-3-mini (3072x3072 o_proj/qkv-sized, 8192x3072 half of gate_up), Phi-2 fc2 (2560x10240)
+GEMV_SHAPES = [(3072, 3072), (8192, 3072), (2560, 10240)]
+QUICK_GEMV_SHAPES = [(128, 256)]
+GEMV_BACKENDS = ("triton", "dequant+matmul", "bitsandbytes")
 BACKENDS = ("triton", "torch", "bitsandbytes")
 
 
@@ -64,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                   "(default: 50 on cuda, 5 elsewhere; 3 with --quick)")
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="comma-separated subset of " + ", ".join(BACKENDS))
+    parser.add_argument("--gemv-shapes", default=None,
+                        help="comma-separated OUTxIN shapes for the gemv case "
+                             "(default: 3072x3072,8192x3072,2560x10240; 'none' skips it)")
+    parser.add_argument("--gemv-rows", type=int, default=1, help="rows of x in the gemv case (tokens per step)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--json", dest="json_path", default=None, help="where to write the results")
     return parser.parse_args(argv)
@@ -150,6 +170,60 @@ def backend_runner(backend: str, weight: torch.Tensor, dtype: torch.dtype, devic
             lambda: kernels.dequantize_nf4(packed, _state_from_bnb(state), dtype, backend="torch"))
 
 
+def gemv_runner(backend: str, weight: torch.Tensor, x: torch.Tensor, device: torch.device):
+    """(call computing x @ W^T from NF4 bytes, call computing the torch reference on the same
+    bytes) or (None, the reason the backend cannot run here)."""
+    if backend in ("triton", "dequant+matmul"):
+        if backend == "triton" and not kernels.triton_available(device):
+            why = "runs on CPU only in Triton's interpreter (no speed figure)" if device.type == "cpu" else \
+                f"needs triton and a CUDA device ({device.type} here)"
+            return None, why
+        packed, state = quantize_nf4(weight)
+        reference = lambda: kernels.nf4_matvec(x, packed, state, backend="torch")  # noqa: E731
+        if backend == "triton":
+            return lambda: kernels.nf4_matvec(x, packed, state, backend="triton"), reference
+        return lambda: torch.nn.functional.linear(x, kernels.dequantize_nf4(packed, state, x.dtype)), reference
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        return None, f"bitsandbytes is not installed ({err})"
+    if device.type == "mps":
+        return None, "bitsandbytes has no MPS backend"
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = _state_from_bnb(state)
+    return (lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state),
+            lambda: kernels.nf4_matvec(x, packed, ours, backend="torch"))
+
+
+def run_gemv(shapes: list, rows: int, dtype: torch.dtype, device: torch.device, repeats: int,
+             backends: list, skipped: dict) -> list:
+    """One row per (shape, backend): median time, NF4 GB/s read, speed-up over dequant+matmul."""
+    generator = torch.Generator().manual_seed(1)
+    results = []
+    for out_features, in_features in shapes:
+        weight = (torch.randn(out_features, in_features, generator=generator) * 0.02).to(device=device, dtype=dtype)
+        x = torch.randn(rows, in_features, generator=generator).to(device=device, dtype=dtype)
+        rows_out = []
+        for backend in backends:
+            fn, reference = gemv_runner(backend, weight, x, device)
+            if fn is None:
+                skipped[backend] = reference
+                continue
+            median_times = time_call(fn, device, repeats)
+            median = statistics.median(median_times)
+            ref = reference().float()
+            diff = float((fn().float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+            read = nf4_bytes(weight.numel(), dtype)["read"]
+            rows_out.append({"shape": [out_features, in_features], "rows": rows, "backend": backend,
+                             "nf4_bytes_read": read, "median_s": median, "min_s": min(median_times),
+                             "gb_per_s": read / median / 1e9, "max_rel_diff_vs_torch": diff})
+        dense = next((r["median_s"] for r in rows_out if r["backend"] == "dequant+matmul"), None)
+        for r in rows_out:
+            r["speedup_vs_dequant_matmul"] = None if dense is None else dense / r["median_s"]
+        results += rows_out
+    return results
+
+
 def run(args: argparse.Namespace, argv: list) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
                                           "mps" if torch.backends.mps.is_available() else "cpu"))
@@ -164,6 +238,10 @@ def run(args: argparse.Namespace, argv: list) -> dict:
     threads = set_threads(args.threads or (os.cpu_count() if device.type == "cpu" else None))
     shapes = parse_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else PHI3_MINI_SHAPES
     repeats = args.repeats or (3 if args.quick else 50 if device.type == "cuda" else 5)
+    if args.gemv_rows < 1:
+        raise UsageError(f"--gemv-rows must be at least 1, got {args.gemv_rows}")
+    gemv_shapes = ([] if args.gemv_shapes == "none" else parse_shapes(args.gemv_shapes) if args.gemv_shapes
+                   else QUICK_GEMV_SHAPES if args.quick else GEMV_SHAPES)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -182,6 +260,10 @@ def run(args: argparse.Namespace, argv: list) -> dict:
         "copy": None,
         "results": [],
         "skipped": {},
+        "gemv": {"rows": args.gemv_rows, "shapes": [list(s) for s in gemv_shapes], "backends": list(GEMV_BACKENDS),
+                 "bytes_counted": "NF4 bytes read: packed codes n/2 + uint8 absmax n/64 + fp32 nested absmax + "
+                                  "code tables (x and y not counted)",
+                 "results": [], "skipped": {}},
     }
     largest = max(o * i for o, i in shapes) * torch.empty((), dtype=dtype).element_size()
     record["copy"] = copy_bandwidth(largest, device, repeats)
@@ -204,6 +286,8 @@ def run(args: argparse.Namespace, argv: list) -> dict:
                          "fraction_of_copy": counted["total"] / median / 1e9 / record["copy"]["gb_per_s"],
                          "max_abs_diff_vs_torch": diff})
         record["results"] += rows
+    g = record["gemv"]
+    g["results"] = run_gemv(gemv_shapes, args.gemv_rows, dtype, device, repeats, list(GEMV_BACKENDS), g["skipped"])
     return record
 
 
@@ -223,6 +307,19 @@ def table(record: dict) -> str:
         lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     for backend, why in record["skipped"].items():
         lines.append(f"{backend}: skipped ({why})")
+    g = record.get("gemv") or {}
+    if g.get("results") or g.get("skipped"):
+        lines += ["", f"NF4 gemv: x ({g['rows']}, in) @ W^T, W NF4 (out, in); GB/s of NF4 bytes read"]
+        header = ["shape", "backend", "GB/s", "ms", "vs dequant+matmul", "max rel diff vs torch"]
+        rows = [[f"{r['shape'][0]}x{r['shape'][1]}", r["backend"], f"{r['gb_per_s']:.2f}",
+                 f"{1e3 * r['median_s']:.3f}",
+                 "-" if r["speedup_vs_dequant_matmul"] is None else f"{r['speedup_vs_dequant_matmul']:.2f}x",
+                 f"{r['max_rel_diff_vs_torch']:.1e}"] for r in g["results"]]
+        widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+        for row in [header] + rows:
+            lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        for backend, why in g["skipped"].items():
+            lines.append(f"gemv {backend}: skipped ({why})")
     return "\n".join(lines)
 
 

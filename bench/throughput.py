@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from bench._engines import COUNTERPARTS, ENGINES  # noqa: E402
-from bench._shapes import SHAPES, parameter_count, shape_config  # noqa: E402
+from bench._engines import COUNTERPARTS, ENGINES, PHICORE_OPTIONS  # noqa: E402
+from bench._shapes import SHAPES, parameter_count, shape_config, training_flops_per_token  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 WORKER = ROOT / "bench" / "_worker.py"
@@ -89,7 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="profile one extra step per engine with torch.profiler (tables next to the JSON)")
     parser.add_argument("--json", dest="json_path", default=None,
                         help="where to write the results (default: "
-                             "bench/results/<device>-<date>-<shape>-seq<N>-b<B>[-t<threads>].json)")
+                             "bench/results/<device>-<date>-<shape>-seq<N>-b<B>[-t<threads>][-<options>].json)")
+    parser.add_argument("--phicore-option", dest="phicore_options", action="append", default=[],
+                        choices=list(PHICORE_OPTIONS), metavar="NAME",
+                        help="ablation: switch one phicore change off (repeatable): " +
+                             "; ".join(f"{k}: {v[0]}" for k, v in PHICORE_OPTIONS.items()))
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="side of the square matrix product that measures the device's peak FLOP/s for MFU "
+                             "(default: 8192 on cuda, 2048 elsewhere; 0: no peak, no MFU)")
     parser.add_argument("--keep-checkpoint", default=None,
                         help="folder for the random checkpoint, kept and reused if present (default: a temp dir)")
     return parser.parse_args(argv)
@@ -118,7 +125,8 @@ def resolve(args: argparse.Namespace) -> dict:
                              ("--warmup", args.warmup, 0), ("--lora-r", args.lora_r, 1),
                              ("--new-tokens", args.new_tokens, 0), ("--gen-repeats", args.gen_repeats, 1),
                              ("--prompt-len", 1 if args.prompt_len is None else args.prompt_len, 1),
-                             ("--threads", 1 if args.threads is None else args.threads, 1)):
+                             ("--threads", 1 if args.threads is None else args.threads, 1),
+                             ("--peak-size", 0 if args.peak_size is None else args.peak_size, 0)):
         if value < low:
             raise UsageError(f"{name} must be at least {low}, got {value}")
     if seq_len > config["max_position_embeddings"]:
@@ -140,6 +148,8 @@ def resolve(args: argparse.Namespace) -> dict:
         "autocast": dtype if dtype in ("bf16", "fp16") else None,
         "prompt_len": prompt_len, "new_tokens": args.new_tokens, "gen_repeats": args.gen_repeats,
         "threads": threads, "seed": args.seed, "engines": engines,
+        "flops_per_token": training_flops_per_token(config, seq_len), "peak_size": args.peak_size,
+        "phicore_options": sorted(set(args.phicore_options)),
     }
 
 
@@ -218,6 +228,20 @@ def device_record(settings: dict) -> dict:
     return out
 
 
+def add_mfu(record: dict) -> None:
+    """Model FLOP utilisation per engine: tokens/s x model FLOPs per token / the measured peak.
+
+    "mfu" counts the issue's 2N forward + 2N input-gradient FLOPs per token; "mfu_with_attention"
+    adds the causal attention products (bench/_shapes.training_flops_per_token says how)."""
+    peak = (record["device"].get("matmul_peak") or {}).get("flops_per_s")
+    flops = record["settings"]["flops_per_token"]
+    for result in record["engines"].values():
+        if peak and "tokens_per_s" in result:
+            result["model_tflops_per_s"] = result["tokens_per_s"] * flops["linear"] / 1e12
+            result["mfu"] = result["tokens_per_s"] * flops["linear"] / peak
+            result["mfu_with_attention"] = result["tokens_per_s"] * (flops["linear"] + flops["attention"]) / peak
+
+
 def ratios(engines: dict) -> dict:
     """phicore / HF for each pair that both ran. tokens/s: > 1 means phicore is faster; memory and
     seconds: < 1 means phicore is leaner / quicker."""
@@ -250,7 +274,8 @@ def default_json_path(record: dict) -> Path:
         tag += "-" + re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
     date, s = record["date"][:10], record["settings"]
     threads = f"-t{s['threads']}" if device["type"] == "cpu" else ""
-    return RESULTS_DIR / f"{tag}-{date}-{s['shape']}-seq{s['seq_len']}-b{s['batch_size']}{threads}.json"
+    options = "".join(f"-{name}" for name in s.get("phicore_options", ()))
+    return RESULTS_DIR / f"{tag}-{date}-{s['shape']}-seq{s['seq_len']}-b{s['batch_size']}{threads}{options}.json"
 
 
 def write_json(record: dict, path: Path) -> None:
@@ -270,6 +295,15 @@ def _num(x, fmt="{:.0f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _peak_line(record: dict) -> str:
+    peak, flops = record["device"].get("matmul_peak"), record["settings"]["flops_per_token"]
+    if not peak or "flops_per_s" not in peak:
+        return "MFU: no peak measured" + (f" ({peak['skipped']})" if peak and "skipped" in peak else "")
+    return (f"MFU = tok/s x {flops['linear'] / 1e9:.3g} GFLOP/token (2N forward + 2N input gradients, N = "
+            f"{flops['matmul_params']:.4g} matmul weights) / measured {peak['dtype']} peak "
+            f"{peak['flops_per_s'] / 1e12:.1f} TFLOP/s ({peak['size']}^3 torch.mm)")
+
+
 def table(record: dict) -> str:
     """The human summary: one row per engine, then the phicore/HF ratios."""
     s, d = record["settings"], record["device"]
@@ -280,12 +314,13 @@ def table(record: dict) -> str:
         f"{s['batch_size']}, LoRA r={s['lora']['r']} {s['lora']['targets']}, grad ckpt "
         f"{'on' if s['grad_checkpointing'] else 'off'}, {s['steps']} timed steps after {s['warmup']}",
         f"load average (1/5/15 min) {d.get('load_average_at_start')} at start, {d.get('load_average_at_end')} at end",
+        _peak_line(record),
         "memory in GiB unless marked M (MiB); 'build' = after load + LoRA + optimizer; 'train +' = training peak"
         " above build; 'step Δ' (CPU) = peak bytes malloc'd during one step; 'cpu s/step' = median process CPU"
         " seconds (all threads) per step",
         "",
     ]
-    header = ["engine", "tok/s", "step s min/med/max", "cpu s/step", "fwd/bwd/opt s", f"{mem_label}", "build",
+    header = ["engine", "tok/s", "MFU", "step s min/med/max", "cpu s/step", "fwd/bwd/opt s", f"{mem_label}", "build",
               "train +", "step Δ",
               "load s", "prefill t/s", "decode t/s", "check loss"]
     rows = []
@@ -296,7 +331,7 @@ def table(record: dict) -> str:
         build = e["mem_after_build"].get("allocated_bytes", e["mem_after_build"].get("rss_bytes"))
         inference = e.get("inference", {})
         rows.append([
-            name, _num(e["tokens_per_s"]),
+            name, _num(e["tokens_per_s"]), _num(e.get("mfu"), "{:.1%}"),
             "{:.3f}/{:.3f}/{:.3f}".format(e["step_s"]["min"], e["step_s"]["median"], e["step_s"]["max"]),
             f"{e['step_cpu_s']['median']:.3f}",
             "/".join(f"{v:.3f}" for v in e["phases_s_median"].values()),
@@ -390,6 +425,9 @@ def run(args: argparse.Namespace, argv: list) -> dict:
     try:
         if to_run:
             record["weights"] = prepare_checkpoint(checkpoint_dir, settings, work)
+        if to_run and settings["peak_size"] != 0:
+            print(f"measuring the {settings['dtype']} matrix-product peak on {settings['device']}", file=sys.stderr)
+            record["device"]["matmul_peak"] = run_job({"job": "peak", **settings}, work, "peak")
         for name in to_run:
             print(f"{name}: running", file=sys.stderr)
             job = {"job": "engine", "engine": name, "checkpoint_dir": str(checkpoint_dir), **settings}
@@ -400,6 +438,7 @@ def run(args: argparse.Namespace, argv: list) -> dict:
                 print(f"{name}: skipped ({result['skipped']})", file=sys.stderr)
             record["engines"][name] = result
         record["engines"] = {name: record["engines"][name] for name in settings["engines"]}  # asked order
+        add_mfu(record)
         record["ratios"] = ratios(record["engines"])
         record["device"]["load_average_at_end"] = load_average()
         if args.profile:

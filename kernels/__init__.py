@@ -1,6 +1,7 @@
 """Hand-written kernels, each behind one function with a plain-PyTorch fallback.
 
     dequantize_nf4(packed, state, dtype, backend=None)        NF4 -> dense weight
+    nf4_matvec(x, packed, state, bias=None, backend=None)     x @ W^T (+ bias) from NF4 bytes, few rows of x
     rms_norm(x, weight, eps, backend=None)                    Phi-3's RMSNorm, dL/dx only
     layer_norm(x, weight, bias, eps, backend=None)            Phi-2's LayerNorm, dL/dx only
     rotary_qk(q, k, cos, sin, inplace=True, backend=None)     RoPE on q and k (B, T, heads, d)
@@ -17,7 +18,9 @@ Triton path is asked for.
 The fused ops are autograd Functions (kernels/fused.py) saving only what backward needs; their
 PyTorch twins are in kernels/fused_torch.py and each Triton file carries its math in its
 docstring. phicore/layers.py calls them only where `uses_triton(op, device)` is true (CUDA by
-default), so CPU runs keep the plain PyTorch modules bit for bit.
+default), so CPU runs keep the plain PyTorch modules bit for bit. Likewise phicore.nf4.NF4Linear
+calls nf4_matvec (op "nf4_gemv", kernels/nf4_gemv_triton.py, reference nf4_torch.nf4_matvec_torch)
+only where uses_triton("nf4_gemv", device), for a few tokens and no gradient (decoding).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 from . import fused_torch
 from .fused import GeluTanhFunction, LayerNormFunction, RMSNormFunction, RotaryFunction, SwiGLUFunction
-from .nf4_torch import dequantize_nf4_torch, nf4_absmax
+from .nf4_torch import dequantize_nf4_torch, nf4_absmax, nf4_matvec_torch
 
 __all__ = [
     "BACKENDS",
@@ -41,6 +44,8 @@ __all__ = [
     "get_default_backend",
     "layer_norm",
     "nf4_absmax",
+    "nf4_matvec",
+    "nf4_matvec_torch",
     "resolve_backend",
     "rms_norm",
     "rotary_qk",
@@ -54,6 +59,7 @@ BACKENDS = ("auto", "triton", "torch")
 # op -> (Triton module, its function names): forward/backward, or the one rope function
 _TRITON_IMPLS = {
     "nf4": ("nf4_triton", {}),
+    "nf4_gemv": ("nf4_gemv_triton", {"matvec": "nf4_matvec_triton", "supports": "supports"}),
     "rms_norm": ("rmsnorm_triton", {"forward": "rms_norm_forward_triton", "backward": "rms_norm_backward_triton"}),
     "layer_norm": ("layernorm_triton",
                    {"forward": "layer_norm_forward_triton", "backward": "layer_norm_backward_triton"}),
@@ -172,6 +178,26 @@ def dequantize_nf4(
     if _resolve(backend, packed.device, "nf4") == "triton":
         return _triton_module().dequantize_nf4_triton(packed, state, dtype)
     return dequantize_nf4_torch(packed, state, dtype)
+
+
+def nf4_matvec(
+    x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None, backend: str | None = None
+) -> torch.Tensor:
+    """x (..., K) @ W^T (+ bias) -> (..., N) in x's dtype, W the NF4 weight (packed, state) of shape (N, K).
+
+    Triton: kernels/nf4_gemv_triton.py reads the 4-bit bytes once and multiplies as it decodes,
+    for up to its MAX_ROWS rows of x and K a multiple of the blocksize; other calls on the Triton
+    backend dequantise with the Triton kernel and run a dense matmul (what NF4MatMul's forward
+    does). Torch: the reference, dequantise + F.linear. No autograd: callers needing gradients
+    use phicore.nf4.NF4MatMul.
+    """
+    if _resolve(backend, x.device, "nf4_gemv") == "triton":
+        impl = _triton_impl("nf4_gemv")
+        if impl.supports(x, state):
+            return impl.matvec(x, packed, state, bias)
+        weight = _triton_module().dequantize_nf4_triton(packed, state, x.dtype)  # (N, K)
+        return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return nf4_matvec_torch(x, packed, state, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | None = None) -> torch.Tensor:

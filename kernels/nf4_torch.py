@@ -19,13 +19,16 @@ import math
 import torch
 
 
-def _blockwise_scale(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values (n,) fp32 * scales[i // blocksize] -> (n,) fp32; n need not divide by blocksize."""
+def _blockwise_scale(values: torch.Tensor, scales: torch.Tensor, blocksize: int, inplace: bool = False) -> torch.Tensor:
+    """values (n,) fp32 * scales[i // blocksize] -> (n,) fp32; n need not divide by blocksize.
+    inplace: multiply `values` itself when no padding is needed (a fresh tensor the caller owns)."""
     n = values.numel()
     n_blocks = scales.numel()
     pad = n_blocks * blocksize - n
     if pad:
         values = torch.nn.functional.pad(values, (0, pad))
+    if inplace or pad:  # a padded copy is ours to scale in place too
+        return values.view(n_blocks, blocksize).mul_(scales.view(n_blocks, 1)).view(-1)[:n]
     return (values.view(n_blocks, blocksize) * scales.view(n_blocks, 1)).view(-1)[:n]
 
 
@@ -44,7 +47,20 @@ def dequantize_nf4_torch(packed: torch.Tensor, state, dtype: torch.dtype) -> tor
     # One gather per byte: row b of `pairs` holds (code[b >> 4], code[b & 0xF]).
     byte_values = torch.arange(256, device=packed.device)
     pairs = torch.stack((state.code[byte_values >> 4], state.code[byte_values & 0xF]), dim=1)  # (256, 2)
-    # index_select with int32 indices: about 2x faster on CPU than advanced indexing with int64
-    values = pairs.float().index_select(0, packed.reshape(-1).int()).view(-1)[:n]  # (n,) fp32, 2j = high nibble
-    weight = _blockwise_scale(values, nf4_absmax(state), state.blocksize)
+    # Both codes of a byte in one 8-byte gather: the (256, 2) fp32 table read as (256,) int64, a 1-D
+    # index_select with int32 indices, read back as fp32 (the same bits; ~1.7x faster on CPU than
+    # gathering rows of two floats, which was ~2x faster than advanced indexing with int64).
+    table = pairs.float().contiguous().view(torch.int64).view(-1)  # (256,)
+    values = table.index_select(0, packed.reshape(-1).int()).view(torch.float32)  # (2 n_bytes,) fp32, 2j = high
+    # scaled in place (values is fresh): no second n-element buffer
+    weight = _blockwise_scale(values, nf4_absmax(state), state.blocksize, inplace=True)[:n]
     return weight.view(state.shape).to(dtype)
+
+
+def nf4_matvec_torch(x: torch.Tensor, packed: torch.Tensor, state, bias=None) -> torch.Tensor:
+    """x (..., K) @ W^T (+ bias) -> (..., N) in x's dtype, W = dequantize_nf4_torch(packed, state, x.dtype).
+
+    The reference for kernels/nf4_gemv_triton.py: the dense path NF4MatMul takes, on any device.
+    """
+    weight = dequantize_nf4_torch(packed, state, x.dtype)  # (N, K)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))  # (..., N)

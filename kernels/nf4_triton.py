@@ -28,6 +28,31 @@ from triton.runtime.interpreter import InterpretedFunction
 BYTES_PER_PROGRAM = 1024
 
 
+def state_arguments(state) -> tuple:
+    """(absmax, code, nested_absmax, nested_code, offset): the NF4 state as the kernels take it.
+    Without double quantisation the nested pointers are placeholders (never read) and offset 0."""
+    double_quant = state.nested_absmax is not None
+    return (state.absmax, state.code,
+            state.nested_absmax if double_quant else state.code,
+            state.nested_code if double_quant else state.code,
+            float(state.offset) if double_quant else 0.0)
+
+
+@triton.jit
+def nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
+                    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """fp32 scale of quantisation block(s) `block` (any shape): absmax[block], or with double
+    quantisation nested_code[absmax[block]] * nested_absmax[block // NESTED_BLOCKSIZE] + offset.
+    Masked-out lanes read nothing (their value is not used). Shared with nf4_gemv_triton."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * nested + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
 @triton.jit
 def _dequantize_nf4_kernel(
     packed_ptr,  # uint8 (n_bytes,)
@@ -49,12 +74,8 @@ def _dequantize_nf4_kernel(
     mask = byte_idx < n_bytes
     byte = tl.load(packed_ptr + byte_idx, mask=mask, other=0)
     block = (byte_idx * 2) // BLOCKSIZE
-    if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = tl.load(nested_code_ptr + q) * nested + offset
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    scale = nf4_block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, block, mask,
+                            NESTED_BLOCKSIZE, DOUBLE_QUANT)
     high = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * scale  # elements 2j
     low = tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * scale  # elements 2j + 1
     values = tl.interleave(high, low)  # (2 * BPP,)
@@ -79,11 +100,7 @@ def dequantize_nf4_triton(packed: torch.Tensor, state, dtype: torch.dtype) -> to
     grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
     _dequantize_nf4_kernel[grid](
         packed.reshape(-1),
-        state.absmax,
-        state.code,
-        state.nested_absmax if double_quant else state.code,
-        state.nested_code if double_quant else state.code,
-        float(state.offset) if double_quant else 0.0,
+        *state_arguments(state),
         out,
         n,
         n_bytes,

@@ -9,11 +9,14 @@ that save only what backward needs; frozen norm weights get no gradient). Everyw
 and whenever a norm's weight trains, the plain PyTorch code below runs unchanged, so CPU
 results match transformers bit for bit. `kernels.set_default_backend("torch", op=...)` forces
 the plain path for one op (to measure each kernel on its own).
+
+Packed rows (per-token `document_ids`) get their mask from phicore.attention: a flex_attention
+BlockMask on CUDA, the dense bool mask for SDPA elsewhere; `set_packed_attention` forces either.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 import kernels
 
+from .attention import BlockMask, flex_attention, packed_mask, set_packed_attention, uses_flex  # noqa: F401 (re-exported)
 from .config import ModelConfig
 
 
@@ -163,7 +167,9 @@ def build_attention_mask(
     past_len: int,
     sliding_window: Optional[int],
     device,
-) -> Optional[torch.Tensor]:
+    document_ids: Optional[torch.Tensor] = None,
+    attention_dropout: float = 0.0,
+) -> Optional[Union[torch.Tensor, BlockMask]]:
     """Combine causality, padding and the sliding window into one bool mask (B|1, 1, T, S),
     True where query i may attend key j. Returns None when plain causal attention suffices
     (SDPA's fast `is_causal` path).
@@ -171,7 +177,19 @@ def build_attention_mask(
     A (B, 1, T, S) bool mask passed in (e.g. block-diagonal for packed sequences) is used as
     given. Query rows that may attend nothing (left padding) are opened to every key, as
     transformers does, so no NaN is produced; those positions are padding and unused.
+
+    `document_ids` (B, T) (packed rows, phicore.attention) replace `attention_mask`: the result
+    is phicore.attention.packed_mask's, a flex BlockMask or the dense bool mask, with the
+    sliding window applied. `attention_dropout`: the dropout in force now (flex has none).
+    Where flex runs (phicore.attention.uses_flex: CUDA by default), unpacked rows without padding
+    that the sliding window cuts get a BlockMask too, in place of the dense window mask.
     """
+    if document_ids is not None:
+        if past_len:
+            raise ValueError("document_ids (packed rows) cannot be combined with a KV cache")
+        if document_ids.shape[-1] != num_queries:
+            raise ValueError(f"document_ids {tuple(document_ids.shape)} do not match {num_queries} tokens")
+        return packed_mask(document_ids, sliding_window, device, attention_dropout)
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.to(device=device, dtype=torch.bool)
     total = past_len + num_queries
@@ -179,6 +197,12 @@ def build_attention_mask(
     has_padding = attention_mask is not None and not bool(attention_mask.all())
     if not window_cuts and not has_padding and (past_len == 0 or num_queries == 1):
         return None  # plain causal (or one query seeing every key)
+    if window_cuts and not has_padding and past_len == 0 and uses_flex(torch.device(device), attention_dropout):
+        # rows longer than the window (Phi-3-mini-4k at 2048 tokens: window 2047) are one
+        # "document" each: flex skips the tiles the window cuts, where SDPA would need the dense
+        # mask and its slower masked kernel. One row's mask, broadcast over the batch.
+        return packed_mask(torch.zeros(1, num_queries, dtype=torch.long, device=device), sliding_window, device,
+                           attention_dropout)
     q_pos = torch.arange(past_len, total, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(total, device=device)[None, :]  # (1, S)
     allowed = k_pos <= q_pos  # (T, S)
@@ -238,7 +262,9 @@ class Attention(nn.Module):
         q, k = self.q_proj(x), self.k_proj(x)
         return q, k, self.v_proj(x), not (q._is_view() or k._is_view())
 
-    def forward(self, x, cos, sin, mask: Optional[torch.Tensor], cache: Optional[KVCache]):
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache]):
+        """x (B, T, D) -> (B, T, D). mask: None (causal), a bool mask (B|1, 1, T, S) for SDPA, or
+        a flex BlockMask (packed rows; k and v then stay at KV heads)."""
         B, T, _ = x.shape
         q, k, v, writable = self._project(x)
         q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, d)
@@ -255,20 +281,23 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, d)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)  # (B, H, S, d): query head j uses kv head j // groups
-            v = v.repeat_interleave(groups, dim=1)
         out_dtype = q.dtype
         if self.upcast and q.dtype == torch.float16:
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
-            scale=self.head_dim**-0.5,
-        )  # (B, H, T, d)
+        if isinstance(mask, BlockMask):
+            out = flex_attention(q, k, v, mask, scale=self.head_dim**-0.5)  # (B, H, T, d)
+        else:
+            groups = self.num_heads // self.num_kv_heads
+            if groups > 1:
+                k = k.repeat_interleave(groups, dim=1)  # (B, H, S, d): query head j uses kv head j // groups
+                v = v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None and T > 1,
+                scale=self.head_dim**-0.5,
+            )  # (B, H, T, d)
         out = out.to(out_dtype).transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return getattr(self, self.out_name)(out)  # (B, T, D)
 

@@ -188,6 +188,7 @@ def causal_lm_loss_sum(
     attention_mask: Optional[torch.Tensor] = None,
     position_ids: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
+    document_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy of a PhiForCausalLM over the target tokens (fp32 scalar),
     the value and gradients of phicore.train.loop.token_loss_sum without the full logits.
@@ -195,6 +196,8 @@ def causal_lm_loss_sum(
     labels (B, T): unshifted, IGNORE_INDEX where no loss is taken (default: input_ids).
     Runs through `model(..., labels=...)`, so a DDP wrapper or an FSDP2-sharded model works
     as given (their hooks run around forward; the head's weight is gathered there).
+    document_ids (B, T): packed rows (phicore.data.collate_packed), passed on only when given.
     """
     labels = input_ids if labels is None else labels
-    return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+    packed = {} if document_ids is None else {"document_ids": document_ids}
+    return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **packed)

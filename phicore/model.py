@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .layers import Attention, KVCache, RotaryEmbedding, build_attention_mask, make_mlp, make_norm
 from .loss import next_token_loss_sum
+from .offload import ActivationOffloader
 
 
 class DecoderLayer(nn.Module):
@@ -69,6 +70,9 @@ class PhiForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.layout.lm_head_bias)
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # With gradient_checkpointing: keep each layer's saved input in (pinned) CPU memory
+        # instead of on the device until backward (phicore/offload.py); saves N x D per layer.
+        self.checkpoint_offload = False
         if config.tie_word_embeddings:
             self.tie_weights()
 
@@ -84,6 +88,7 @@ class PhiForCausalLM(nn.Module):
         cache: Optional[KVCache] = None,
         last_only: bool = False,
         labels: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (B, 1, V) with `last_only`; with `labels`,
         the summed next-token cross-entropy instead (phicore.loss.next_token_loss_sum).
@@ -94,15 +99,19 @@ class PhiForCausalLM(nn.Module):
         cache: a KVCache to read the past from and append this step's keys/values to.
         labels: (B, T) targets aligned with input_ids (unshifted; -100 = no loss): returns an
         fp32 scalar, computed in token chunks so the (tokens x V) logits never exist in full.
+        document_ids: (B, T) packed rows: which example each token belongs to (a contiguous run
+        per example, < 0 = padding); replaces attention_mask. Attention then stays inside each
+        example (phicore.attention: flex_attention BlockMask on CUDA, dense mask + SDPA elsewhere).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, document_ids)
         if labels is not None:
             return next_token_loss_sum(hidden, self.lm_head, labels)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                      document_ids=None) -> torch.Tensor:
         """input_ids (B, T) -> final-normed hidden states (B, T, D)."""
         B, T = input_ids.shape
         past_len = cache.length if cache is not None else 0
@@ -110,10 +119,15 @@ class PhiForCausalLM(nn.Module):
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
         h = self.model.embed_dropout(self.model.embed_tokens(input_ids))  # (B, T, D)
         cos, sin = self.rotary.cos_sin(position_ids, h.dtype)  # (B, T, R) each
-        mask = build_attention_mask(attention_mask, T, past_len, self.config.sliding_window, h.device)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        mask = build_attention_mask(attention_mask, T, past_len, self.config.sliding_window, h.device,
+                                    document_ids, dropout)  # one mask (bool, BlockMask or None) for every layer
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        offloader = ActivationOffloader(h.device) if checkpointing and self.checkpoint_offload else None
         for layer in self.model.layers:
-            if checkpointing:
+            if offloader is not None:
+                h = offloader.checkpoint(layer, h, cos, sin, mask, cache)
+            elif checkpointing:
                 h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache)

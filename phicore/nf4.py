@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from kernels import dequantize_nf4
 
 __all__ = [
@@ -67,6 +68,10 @@ NF4_CODE = (
 )  # fmt: skip
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb accepts
 NESTED_BLOCKSIZE = 256  # bnb always double-quantises absmax in blocks of 256
+# NF4Linear reads its 4-bit bytes straight into the product (kernels.nf4_matvec) instead of
+# dequantising the whole weight when x has at most this many tokens (batch-1 decoding: 1 per
+# step); past a few rows the dense matmul reuses each dequantised weight over enough rows to win.
+GEMV_MAX_TOKENS = 8
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # names after "P.weight."
 
@@ -450,8 +455,25 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out), computed in compute_dtype, returned in x's dtype
-        y = NF4MatMul.apply(x.to(self.compute_dtype), self.weight, self.quant_state, self.bias)
+        x_c = x.to(self.compute_dtype)
+        if self._use_gemv(x_c):
+            y = kernels.nf4_matvec(x_c, self.weight, self.quant_state, self.bias)  # no autograd node
+        else:
+            y = NF4MatMul.apply(x_c, self.weight, self.quant_state, self.bias)
         return y.to(x.dtype)
+
+    def _use_gemv(self, x: torch.Tensor) -> bool:
+        """The 4-bit matrix-vector kernel: where its Triton kernel runs (CUDA by default; CPU keeps
+        the dense path bit for bit), for at most GEMV_MAX_TOKENS tokens, when no gradient can flow
+        (it records no autograd node, like NF4MatMul would not under no_grad)."""
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        )
+        return (
+            not needs_grad
+            and x.numel() <= GEMV_MAX_TOKENS * self.in_features
+            and kernels.uses_triton("nf4_gemv", x.device)
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     proc = _run("throughput.py", "--shape", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
                 "--threads", "1", "--new-tokens", "4", "--gen-repeats", "1", "--prompt-len", "16",
-                "--json", str(out))
+                "--peak-size", "256", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -75,6 +75,58 @@ def test_throughput_records_settings_and_provenance(tiny_run):
     assert record["device"]["type"] == "cpu" and record["device"]["name"]
     assert record["versions"]["torch"]
     assert "random" in record["weights"]["how"]
+
+
+def test_mfu_is_tokens_times_model_flops_over_the_measured_peak(tiny_run):
+    record, stdout = tiny_run
+    peak = record["device"]["matmul_peak"]
+    assert peak["size"] == 256 and peak["dtype"] == "float32" and peak["flops_per_s"] > 0
+    flops = record["settings"]["flops_per_token"]
+    assert flops["linear"] == 4 * flops["matmul_params"]
+    for name, engine in record["engines"].items():
+        if "skipped" in engine:
+            continue
+        assert engine["mfu"] == pytest.approx(engine["tokens_per_s"] * flops["linear"] / peak["flops_per_s"])
+        assert engine["mfu_with_attention"] > engine["mfu"]
+    assert "MFU = tok/s x" in stdout
+
+
+@pytest.mark.parametrize("shape", ["tiny", "small-phi-2", "phi-2", "phi-3-mini-4k"])
+def test_matmul_parameter_count_matches_the_model(shape):
+    """The MFU numerator's N equals the weights of every nn.Linear in phicore's model for that
+    shape (lm_head included), counted on the meta device."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from bench._shapes import matmul_parameter_count, parameter_count, shape_config
+    from phicore.config import ModelConfig
+    from phicore.model import PhiForCausalLM
+
+    config = shape_config(shape)
+    with torch.device("meta"):
+        model = PhiForCausalLM(ModelConfig.from_dict(config))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_parameter_count(config) == linear
+    assert parameter_count(config) == sum(p.numel() for p in model.parameters())
+
+
+def test_phicore_options_switch_changes_off_and_train_the_same_model(tiny_run, tmp_path):
+    """--phicore-option ablations (full-logits loss, reference LoRA path, PyTorch NF4) run the
+    same model: the same check loss and first-step loss as the default path."""
+    out = tmp_path / "ablation.json"
+    proc = _run("throughput.py", "--shape", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                "--threads", "1", "--new-tokens", "0", "--peak-size", "0", "--engines", "phicore-lora,phicore-qlora",
+                "--phicore-option", "full-logits-loss", "--phicore-option", "unfused-lora",
+                "--phicore-option", "torch-nf4", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["settings"]["phicore_options"] == ["full-logits-loss", "torch-nf4", "unfused-lora"]
+    assert "matmul_peak" not in record["device"] and "mfu" not in record["engines"]["phicore-lora"]
+    for name, engine in record["engines"].items():
+        default = tiny_run[0]["engines"][name]
+        assert engine["options"] == record["settings"]["phicore_options"]
+        assert engine["check_loss"] == pytest.approx(default["check_loss"], rel=1e-6)
+        assert engine["losses"][0] == pytest.approx(default["losses"][0], rel=1e-5)
 
 
 def test_engines_train_the_same_model(tiny_run):

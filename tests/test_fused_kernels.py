@@ -15,13 +15,7 @@ Oracles and tolerances:
   gradient checkpointing.
 """
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,9 +26,8 @@ from phicore.config import ModelConfig
 from phicore.layers import LayerNorm, RMSNorm, apply_rotary
 from phicore.model import PhiForCausalLM
 from tiny_models import SHAPES
+from interpreter import HAS_TRITON, interpreter_fixture
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -281,16 +274,7 @@ _INTERPRETER_CHECK = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def interpreter_results():
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+interpreter_results = interpreter_fixture(_INTERPRETER_CHECK)
 
 
 def test_triton_kernels_match_references(interpreter_results):

@@ -20,14 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phicore.config import ModelConfig
 from phicore.data.collate import IGNORE_INDEX
-from phicore.lora import apply_lora, lora_layers
 from phicore.loss import (causal_lm_loss_sum, default_chunk_size, fused_linear_cross_entropy_sum,
                           next_token_loss_sum)
 from phicore.loss import IGNORE_INDEX as LOSS_IGNORE_INDEX
-from phicore.model import PhiForCausalLM
-from tiny_models import SHAPES
+from tiny_models import phicore_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -105,22 +102,6 @@ def test_frozen_head_and_no_grad():
     assert (default_chunk_size(51200), default_chunk_size(32064)) == (655, 1046)  # ~128 MiB fp32 logits each
 
 
-def _tiny_model(shape, seed=0):
-    class_name, kwargs = SHAPES[shape]
-    config = ModelConfig.from_dict({"model_type": "phi" if class_name == "PhiConfig" else "phi3", **kwargs})
-    torch.manual_seed(seed)
-    model = PhiForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    apply_lora(model, r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.lora_B.weight.normal_(0, 0.1)
-    return model
-
-
 def _batch(vocab, B=3, T=11, seed=1):
     """Right padding (row 1), left padding (row 2), prompt tokens without loss in every row."""
     g = torch.Generator().manual_seed(seed)
@@ -137,7 +118,7 @@ def _batch(vocab, B=3, T=11, seed=1):
 
 @pytest.mark.parametrize("shape", ["phi-2", "phi-3-mini-4k"])
 def test_model_loss_matches_full_logits_loss(shape):
-    model = _tiny_model(shape).train()
+    model = phicore_model(shape).train()
     if shape == "phi-2":
         assert model.lm_head.bias is not None  # Phi-2's head has a bias: it must count
     batch = _batch(model.config.vocab_size)
@@ -175,7 +156,7 @@ def test_model_loss_matches_full_logits_loss(shape):
 
 def test_model_loss_under_bf16_autocast():
     """CPU autocast bf16: the same dtype rules as the plain path (bf16 matmuls, fp32 softmax)."""
-    model = _tiny_model("phi-3-mini-4k").train()
+    model = phicore_model("phi-3-mini-4k").train()
     batch = _batch(model.config.vocab_size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = full_logits_loss_sum(model, batch)
@@ -192,7 +173,7 @@ def test_model_loss_through_ddp(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = _tiny_model("phi-3-mini-4k").train()
+    model = phicore_model("phi-3-mini-4k").train()
     batch = _batch(model.config.vocab_size)
     expected = full_logits_loss_sum(model, batch)
     expected.backward()

@@ -5,13 +5,7 @@ off, round-to-nearest casts). On CUDA bf16 is compared exactly too. Under TRITON
 bf16 is not compared: the interpreter truncates fp32 -> bf16 casts.
 """
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +13,8 @@ import torch
 import kernels
 from kernels import dequantize_nf4, nf4_absmax
 from phicore.nf4 import NF4Linear, nf4_code, quantize_nf4
+from interpreter import HAS_TRITON, run_under_interpreter
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _reference(packed, state, dtype):
@@ -92,13 +85,7 @@ _INTERPRETER_CHECK = textwrap.dedent(
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_interpreter_matches_torch():
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_CHECK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_under_interpreter(_INTERPRETER_CHECK, timeout=300)
     assert len(results) == 10
     assert all(r[-1] for r in results), [r for r in results if not r[-1]]
 

@@ -88,3 +88,28 @@ def save_hf_checkpoint(shape: str, directory, seed: int = 0, max_shard_size=None
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(directory), **kwargs)
     return model
+
+
+def phicore_model(shape: str, seed: int = 0, lora: bool = True, **overrides):
+    """A phicore model of a SHAPES entry (config `overrides` applied) with random weights, biases
+    and norms nudged off their defaults, and, with `lora`, r = 4 adapters whose B is random
+    (not PEFT's zeros) so the adapters change the output. For tests comparing two code paths."""
+    from phicore.config import ModelConfig
+    from phicore.lora import apply_lora, lora_layers
+    from phicore.model import PhiForCausalLM
+
+    class_name, kwargs = SHAPES[shape]
+    config = ModelConfig.from_dict({"model_type": "phi" if class_name == "PhiConfig" else "phi3",
+                                    **kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = PhiForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    if lora:
+        apply_lora(model, r=4, alpha=8, dropout=0.0)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_B.weight.normal_(0, 0.1)
+    return model

@@ -25,7 +25,10 @@ Batches (`Batch`): `input_ids`, `labels`, `position_ids` (B, T) long and `attent
 - packed (`collate_packed`): several examples per row, `position_ids` restarting at 0 for each,
   and `attention_mask` (B, 1, T, T) bool, True where query t may attend key s: same example and
   s <= t. Padding never attends to or is attended by real tokens; a padding position attends
-  only to itself (a fully masked row would turn softmax into NaN).
+  only to itself (a fully masked row would turn softmax into NaN). Packed batches also carry
+  `document_ids` (B, T) long: each token's example within its row (0, 1, ...), -1 on padding.
+  Passed to the model, they replace the dense mask (phicore.attention builds the same mask,
+  or a flex_attention BlockMask on CUDA, without the T x T tensor); unpacked batches: None.
 
 Order: `epoch_order(lengths, batch_size, seed, epoch)` gives the batches of one epoch as numpy
 index arrays, a pure function of its arguments (seeded numpy generators), so a run resumes by
@@ -340,11 +343,12 @@ class Batch:
     position_ids: torch.Tensor  # (B, T) long
     num_target_tokens: int  # labels != -100
     num_tokens: int = 0  # real (non-padding) tokens
+    document_ids: Optional[torch.Tensor] = None  # packed: (B, T) long, example index in its row, -1 = padding
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask),
-                     move(self.position_ids), self.num_target_tokens, self.num_tokens)
+                     move(self.position_ids), self.num_target_tokens, self.num_tokens, move(self.document_ids))
 
 
 def _padded_length(n: int, multiple: Optional[int]) -> int:
@@ -370,7 +374,8 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: Option
 
 def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int,
                    pad_to_multiple_of: Optional[int] = None) -> Batch:
-    """Several examples per row: restarting positions and a block-diagonal causal mask."""
+    """Several examples per row: restarting positions, a block-diagonal causal mask and the
+    document ids it is made of."""
     T = _padded_length(max(sum(len(e) for e in row) for row in rows), pad_to_multiple_of)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -378,20 +383,22 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int,
     position_ids = torch.zeros((B, T), dtype=torch.long)
     mask = torch.zeros((B, T, T), dtype=torch.bool)  # (B, query, key)
     real = torch.zeros((B, T), dtype=torch.bool)
+    document_ids = torch.full((B, T), -1, dtype=torch.long)
     for b, row in enumerate(rows):
         t = 0
-        for e in row:
+        for doc, e in enumerate(row):
             n = len(e)
             input_ids[b, t:t + n] = torch.tensor(e.input_ids, dtype=torch.long)
             labels[b, t:t + n] = torch.tensor(e.labels, dtype=torch.long)
             position_ids[b, t:t + n] = torch.arange(n)
+            document_ids[b, t:t + n] = doc
             mask[b, t:t + n, t:t + n] = torch.ones((n, n), dtype=torch.bool).tril_()  # causal block
             t += n
         real[b, :t] = True
         pad = torch.arange(t, T)
         mask[b, pad, pad] = True  # padding attends to itself only
     return Batch(input_ids, labels, mask[:, None], position_ids,
-                 int((labels != IGNORE_INDEX).sum()), int(real.sum()))
+                 int((labels != IGNORE_INDEX).sum()), int(real.sum()), document_ids)
 
 
 def example_lengths(examples: Sequence[Example]) -> np.ndarray:

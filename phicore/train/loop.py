@@ -81,7 +81,8 @@ def token_loss_sum(model, batch) -> torch.Tensor:
     The model computes it in token chunks (phicore.loss), so the (tokens x vocab) logits never
     exist in full; it runs inside the model's forward, where DDP and FSDP2 hooks apply.
     """
-    return causal_lm_loss_sum(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels)
+    return causal_lm_loss_sum(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels,
+                              batch.document_ids)
 
 
 def autocast_for(device: torch.device, precision: str):

@@ -83,6 +83,11 @@ def _check_flags(args):
         raise UsageError(f"--epochs must be positive, got {args.epochs}")
     if getattr(args, "stop_after", None) is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after must be at least 1, got {args.stop_after}")
+    if getattr(args, "offload_checkpoints", False) and not args.grad_checkpointing:
+        raise UsageError("--offload-checkpoints needs --grad-checkpointing (it offloads the checkpointed layer inputs)")
+    if getattr(args, "offload_checkpoints", False) and getattr(args, "fsdp", False):
+        raise UsageError("--offload-checkpoints does not work with --fsdp (FSDP2 gathers each layer's parameters "
+                         "inside its forward, out of the offloaded checkpoint's sight); leave out one of them")
     if getattr(args, "fsdp", False) and args.quantize:
         raise UsageError(f"--fsdp cannot shard a quantised base (--quantize {args.quantize}): FSDP2 shards "
                          "floating-point parameters and a 4-bit base is packed bytes. For QLoRA on several GPUs "
@@ -208,6 +213,7 @@ def _prepare_run(args, dist: DistContext) -> Run:
     else:
         model = build_model(device)
     model.gradient_checkpointing = args.grad_checkpointing
+    model.checkpoint_offload = getattr(args, "offload_checkpoints", False)
     if args.compile:
         model.compile()
 
