@@ -81,9 +81,11 @@ class Engine:
 # ----------------------------------------------------------------------------- phicore
 def _full_logits_loss(model, batch) -> torch.Tensor:
     """The loss before the chunked linear + cross-entropy: full (B, T, V) logits, fp32 CE."""
+    from phicore.data.collate import IGNORE_INDEX
+
     logits = model(batch.input_ids, batch.attention_mask, batch.position_ids)  # (B, T, V)
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum")
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _torch_op(op: str):

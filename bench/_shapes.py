@@ -77,11 +77,16 @@ def shape_config(name: str) -> dict:
     return dict(SHAPES[name][0])
 
 
+def _dims(config: dict) -> tuple:
+    """(D, I, L, V, H, KV, d): hidden, intermediate, layers, vocab, heads, kv heads, head dim."""
+    D, H = config["hidden_size"], config["num_attention_heads"]
+    return (D, config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"], H,
+            config["num_key_value_heads"], config.get("head_dim") or D // H)
+
+
 def parameter_count(config: dict) -> int:
     """Parameters of the dense model described by `config` (embeddings and lm_head included)."""
-    D, I, L, V = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
-    H, KV = config["num_attention_heads"], config["num_key_value_heads"]
-    d = config.get("head_dim") or D // H
+    D, I, L, V, H, KV, d = _dims(config)
     if config["model_type"] == "phi3":
         per_layer = D * (H + 2 * KV) * d + H * d * D + D * 2 * I + I * D + 2 * D
         head = V * D + D
@@ -94,9 +99,7 @@ def parameter_count(config: dict) -> int:
 def matmul_parameter_count(config: dict) -> int:
     """Weights that take part in a matrix product per token: every projection of every layer and
     the lm_head (embeddings are a lookup; norms and biases are elementwise)."""
-    D, I, L, V = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
-    H, KV = config["num_attention_heads"], config["num_key_value_heads"]
-    d = config.get("head_dim") or D // H
+    D, I, L, V, H, KV, d = _dims(config)
     mlp_in = 2 * I if config["model_type"] == "phi3" else I  # Phi-3's gate_up_proj is one (2I, D) matrix
     per_layer = D * (H + 2 * KV) * d + H * d * D + D * mlp_in + I * D
     return L * per_layer + V * D
@@ -112,8 +115,7 @@ def training_flops_per_token(config: dict, seq_len: int) -> dict:
     keys per query, 2 x 2 x keys x H x d FLOPs forward per layer, and twice that backward
     (dQ, dK, dV and dP are all input gradients).
     """
-    D, L, H = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
-    d = config.get("head_dim") or D // H
+    _, _, L, _, H, _, d = _dims(config)
     N = matmul_parameter_count(config)
     mean_keys = (seq_len + 1) / 2
     attention_forward = 4 * mean_keys * H * d * L

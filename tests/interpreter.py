@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -28,6 +29,19 @@ def run_under_interpreter(script: str, timeout: int = 600):
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def autograd_node_names(out: torch.Tensor) -> set:
+    """Class names of every autograd node behind `out` (which fused Functions a forward used)."""
+    seen, stack, names = set(), [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
 
 
 def interpreter_fixture(script: str, timeout: int = 600):

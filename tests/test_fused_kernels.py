@@ -26,7 +26,7 @@ from phicore.config import ModelConfig
 from phicore.layers import LayerNorm, RMSNorm, apply_rotary
 from phicore.model import PhiForCausalLM
 from tiny_models import SHAPES
-from interpreter import HAS_TRITON, interpreter_fixture
+from interpreter import HAS_TRITON, autograd_node_names, interpreter_fixture
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -131,7 +131,7 @@ def test_backend_switch_per_op_and_cpu_default_is_plain():
         with pytest.raises(RuntimeError, match="Triton backend"):
             kernels.rms_norm(torch.randn(2, 4), torch.ones(4), 1e-5, backend="triton")
     model = _tiny_model("phi-3-mini-4k")
-    names = _graph_names(model(torch.randint(3, 100, (1, 5))))
+    names = autograd_node_names(model(torch.randint(3, 100, (1, 5))))
     assert not any(n.startswith(("RMSNormFunction", "RotaryFunction", "SwiGLUFunction")) for n in names)
 
 
@@ -140,18 +140,6 @@ def _tiny_model(shape):
     config = ModelConfig.from_dict({"model_type": "phi" if class_name == "PhiConfig" else "phi3", **kwargs})
     torch.manual_seed(0)
     return PhiForCausalLM(config)
-
-
-def _graph_names(out):
-    seen, stack, names = set(), [out.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return names
 
 
 # ----------------------------------------------------------------------------- Triton under the interpreter
@@ -165,6 +153,7 @@ _INTERPRETER_CHECK = textwrap.dedent(
     from phicore.lora import apply_lora, lora_layers
     from phicore.model import PhiForCausalLM
     from phicore.nf4 import quantize_model_linears
+    from interpreter import autograd_node_names
     from tiny_models import SHAPES
     assert kernels.triton_available("cpu"), "interpreter not active"
     g = torch.Generator().manual_seed(0)
@@ -221,17 +210,6 @@ _INTERPRETER_CHECK = textwrap.dedent(
     FUSED = {"RMSNormFunctionBackward", "LayerNormFunctionBackward", "RotaryFunctionBackward",
              "SwiGLUFunctionBackward", "GeluTanhFunctionBackward"}
 
-    def graph_names(t):
-        seen, stack, names = set(), [t.grad_fn], set()
-        while stack:
-            fn = stack.pop()
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            names.add(type(fn).__name__)
-            stack.extend(f for f, _ in fn.next_functions)
-        return names
-
     for shape, nf4, checkpointing in (("phi-2", False, False), ("phi-3-mini-4k", False, False),
                                       ("phi-2", True, False), ("phi-3-mini-4k", False, True)):
         class_name, kw = SHAPES[shape]
@@ -258,7 +236,7 @@ _INTERPRETER_CHECK = textwrap.dedent(
                 model.zero_grad(set_to_none=True)
                 torch.manual_seed(5)
                 logits = model(ids)
-                names = sorted(FUSED & graph_names(logits))
+                names = sorted(FUSED & autograd_node_names(logits))
                 logits.square().mean().backward()
             finally:
                 kernels.set_default_backend(previous)

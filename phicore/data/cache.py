@@ -198,15 +198,9 @@ def _tokenize_chunk(conversations: list[Conversation]):
     stats = TokenizeStats(total=len(conversations))
     for conv in conversations:
         ids, labels, truncated = tokenize_conversation(conv, fmt, tokenizer, max_length, train_on_prompt, bos)
-        stats.truncated += truncated
         targets = [label != IGNORE_INDEX for label in labels]
-        num_targets = sum(targets)
-        if num_targets == 0:
-            stats.dropped_no_target += 1
+        if not stats.count(len(ids), sum(targets), truncated):
             continue
-        stats.kept += 1
-        stats.tokens += len(ids)
-        stats.target_tokens += num_targets
         ids_out += ids
         targets_out += targets
         lengths.append(len(ids))

@@ -83,6 +83,17 @@ class TokenizeStats:
     target_tokens: int = 0
     tokens: int = 0
 
+    def count(self, num_tokens: int, num_targets: int, truncated: bool) -> bool:
+        """Count one tokenised row; True when it is kept (it has a target token left)."""
+        self.truncated += truncated
+        if num_targets == 0:
+            self.dropped_no_target += 1
+            return False
+        self.kept += 1
+        self.tokens += num_tokens
+        self.target_tokens += num_targets
+        return True
+
     def summary(self) -> str:
         return (f"{self.kept}/{self.total} examples, {self.tokens} tokens ({self.target_tokens} "
                 f"targets); {self.truncated} truncated, {self.dropped_no_target} dropped with no target left")
@@ -194,16 +205,9 @@ def tokenize_dataset(conversations: Sequence[Conversation], fmt: PromptFormat, t
     stats, out = TokenizeStats(total=len(conversations)), []
     for conv in conversations:
         ids, labels, truncated = tokenize_conversation(conv, fmt, tokenizer, max_length, train_on_prompt, bos)
-        stats.truncated += truncated
         example = Example(ids, labels, conv.source)
-        targets = example.num_targets
-        if targets == 0:
-            stats.dropped_no_target += 1
-            continue
-        stats.kept += 1
-        stats.tokens += len(ids)
-        stats.target_tokens += targets
-        out.append(example)
+        if stats.count(len(ids), example.num_targets, truncated):
+            out.append(example)
     return out, stats
 
 
