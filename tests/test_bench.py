@@ -199,3 +199,29 @@ def test_kernels_quick(tmp_path, capsys):
         assert row["bytes"]["written"] == row["elements"] * 4  # fp32 out
         assert row["max_abs_diff_vs_torch"] == 0.0  # bit-identical to the reference on the same bytes
     assert "GB/s" in capsys.readouterr().out
+
+
+def test_collate_records_time_and_batch_bytes(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench import collate as bench_collate
+
+    import torch
+
+    out = tmp_path / "collate.json"
+    threads = torch.get_num_threads()
+    try:
+        record = bench_collate.main(["--batch", "3", "--seq", "256", "--min-length", "20", "--max-length", "90",
+                                     "--repeats", "2", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == record
+    shape = record["shape"]
+    assert shape["batch"] == 3 and shape["tokens_per_row"] == 256 and 0 < shape["real_tokens"] <= 3 * 256
+    assert 0 < record["ms_per_batch_min"] <= record["ms_per_batch_median"]
+    # every field is (B, T) long: the batch carries no (B, 1, T, T) mask
+    assert record["batch_tensor_bytes"] == {name: 3 * 256 * 8 for name in
+                                            ("input_ids", "labels", "attention_mask", "position_ids", "document_ids")}
+    assert "collate_packed 3 x 256" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        bench_collate.main(["--min-length", "500", "--seq", "256"])
+    assert exit_info.value.code == 2

@@ -552,8 +552,11 @@ def test_packed_batch_restarts_positions_and_masks_block_diagonal_causal():
     T = 5
     assert batch.input_ids.shape == batch.labels.shape == batch.position_ids.shape == (2, T)
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    assert batch.attention_mask.shape == (2, 1, T, T) and batch.attention_mask.dtype == torch.bool
     segment = [[0, 0, 0, 1, 1], [0, 0, 0, 0, -1]]
+    assert batch.document_ids.tolist() == segment
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]  # real tokens; no T x T tensor
+    dense = batch.dense_attention_mask()
+    assert dense.shape == (2, 1, T, T) and dense.dtype == torch.bool
     for b in range(2):
         for q in range(T):
             for k in range(T):
@@ -561,7 +564,9 @@ def test_packed_batch_restarts_positions_and_masks_block_diagonal_causal():
                     expected = q == k
                 else:  # same example and key <= query; padding keys never
                     expected = segment[b][k] == segment[b][q] and k <= q
-                assert bool(batch.attention_mask[b, 0, q, k]) == expected, (b, q, k)
+                assert bool(dense[b, 0, q, k]) == expected, (b, q, k)
+    inputs = batch.model_inputs()
+    assert inputs["document_ids"] is batch.document_ids and inputs["position_ids"] is batch.position_ids
     # each example's first label is -100: no example learns to predict the next one
     assert batch.labels.tolist() == [[-100, 11, 12, -100, 11], [-100, 11, 12, 13, -100]]
     assert batch.num_target_tokens == 6 and batch.num_tokens == 9
@@ -600,9 +605,9 @@ def test_batch_plan_is_resumable(pack):
     seen = sorted(i for batch in plan.batch_rows(1) for row in batch for i in row)
     assert seen == list(range(50))
     if pack:
-        assert all(b.input_ids.shape[1] <= 64 and b.attention_mask.dim() == 4 for b in full)
+        assert all(b.input_ids.shape[1] <= 64 and b.document_ids is not None for b in full)
     else:
-        assert all(b.attention_mask.dim() == 2 for b in full)
+        assert all(b.document_ids is None and "document_ids" not in b.model_inputs() for b in full)
 
 
 # =========================================================================== end to end

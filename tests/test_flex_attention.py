@@ -103,11 +103,23 @@ def test_block_mask_equals_create_block_mask(window, tile):
         assert int(got.kv_num_blocks.sum() + got.full_kv_num_blocks.sum()) < 0.5 * len(rows) * 13 * 14 / 2
 
 
-def test_document_ids_rebuild_the_collate_mask_exactly():
+def test_packed_batch_mask_is_block_diagonal_causal():
+    """collate_packed carries document ids, no T x T tensor; the dense mask built from them is
+    the block-diagonal causal mask built block by block, padding attending only itself."""
     batch = _packed(_model("phi-2", lora=False))
     assert batch.document_ids.tolist()[1][:30] == [0] * 20 + [1] * 6 + [2] + [-1] * 3
+    assert batch.attention_mask.shape == batch.input_ids.shape  # (B, T) real tokens only
+    B, T = batch.input_ids.shape
+    expected = torch.zeros((B, T, T), dtype=torch.bool)
+    for b, row in enumerate(ROWS):
+        t = 0
+        for n in row:
+            expected[b, t:t + n, t:t + n] = torch.ones((n, n), dtype=torch.bool).tril_()
+            t += n
+        expected[b, range(t, T), range(t, T)] = True
+    assert torch.equal(batch.dense_attention_mask(), expected[:, None])
     lo = attention.document_bounds(batch.document_ids)
-    assert torch.equal(attention.document_dense_mask(lo), batch.attention_mask)
+    assert torch.equal(attention.document_dense_mask(lo), expected[:, None])
     assert collate(_examples([[4]], 50)[0], 0).document_ids is None
     moved = batch.to("cpu")
     assert torch.equal(moved.document_ids, batch.document_ids)
@@ -134,8 +146,8 @@ def test_flex_matches_sdpa_and_examples_alone(shape, overrides):
             torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
         torch.testing.assert_close(flex, sdpa, **CLOSE)
         if model.config.sliding_window is None or model.config.sliding_window >= batch.input_ids.shape[1]:
-            # the SDPA path is the old one: collate's dense mask gives the same bits
-            old = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+            # the SDPA path is the dense-mask one: the batch's dense mask gives the same bits
+            old = model(batch.input_ids, attention_mask=batch.dense_attention_mask(), position_ids=batch.position_ids)
             assert torch.equal(sdpa, old)
         # each example alone, unpacked, is the oracle for its slice of the packed row
         for b, row in enumerate(_examples(ROWS, model.config.vocab_size)):

@@ -260,7 +260,9 @@ def test_packing_isolation(bases, preset):
     model = load_model(bases[preset]).eval()
     packed = collate_packed([examples], tokenizer.pad_token_id or 0, pad_to_multiple_of=64)
     with torch.no_grad():
-        logits = model(packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids)
+        logits = model(packed.input_ids, **packed.model_inputs())
+        dense = model(packed.input_ids, attention_mask=packed.dense_attention_mask(), position_ids=packed.position_ids)
+        assert torch.equal(logits, dense)  # document ids and the dense mask are the same mask
         offset = 0
         for e in examples:
             alone = model(torch.tensor([e.input_ids]))
