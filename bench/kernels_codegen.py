@@ -156,14 +156,22 @@ def launches(dtype: torch.dtype) -> list:
     return calls
 
 
+def ptxas_path(arch: int) -> str:
+    """The ptxas that Triton itself runs for `arch` (older Triton's `get_ptxas` takes no arch)."""
+    from triton.backends.nvidia import compiler
+
+    try:
+        return compiler.get_ptxas(arch).path
+    except TypeError:
+        return compiler.get_ptxas().path
+
+
 def ptxas_report(ptx: str, arch: int) -> dict:
     """Registers, spills and stack of one kernel: Triton's ptxas run again on its PTX with -v."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
-        proc = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
+        proc = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}",
                                str(source), "-o", str(Path(tmp) / "kernel.cubin")],
                               capture_output=True, text=True, check=True)
     report = {}
