@@ -10,6 +10,9 @@ absmax) plus the bytes it writes (the dense weight in --dtype), divided by the m
 In the same run, a device-to-device copy of a buffer as large as the dense weight (bytes read
 + written) gives the ceiling those figures are judged against. Each backend's output is
 checked against the PyTorch reference dequantising the same bytes (max abs difference recorded).
+`peak MiB`: the memory one call adds above what was in use before it, its output included (on CUDA
+max_memory_allocated; on a CPU the peak RSS after a clear_refs reset): a call that keeps no
+temporary buffer shows the output's size, rows x cols x the dtype's bytes.
 
 backends:
   triton        kernels.dequantize_nf4(..., backend="triton"): CUDA only (on a CPU it runs only in
@@ -51,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from bench._measure import cpu_name, device_name, set_threads, sync  # noqa: E402
+from bench._measure import MemoryProbe, cpu_name, device_name, set_threads, sync  # noqa: E402
 from bench.throughput import UsageError, load_average, versions, write_json  # noqa: E402
 from phicore.nf4 import quantize_nf4  # noqa: E402
 
@@ -114,6 +117,20 @@ def time_call(fn, device: torch.device, repeats: int, warmup: int = 2) -> list:
         sync(device)
         times.append(time.perf_counter() - started)
     return times
+
+
+def call_peak_bytes(fn, device: torch.device) -> int | None:
+    """Memory one call of fn adds at its peak above what was in use before it (output included);
+    None where the platform gives no peak (a CPU without /proc/self/clear_refs)."""
+    probe = MemoryProbe(device)
+    sync(device)
+    before = probe.current()["allocated_bytes" if device.type == "cuda" else "rss_bytes"]
+    probe.reset_peak()
+    out = fn()
+    sync(device)
+    peak = probe.peak_since_reset()
+    del out
+    return None if peak is None or before is None else peak - before
 
 
 def nf4_bytes(n: int, dtype: torch.dtype, blocksize: int = 64, nested_blocksize: int = 256) -> dict:
@@ -280,11 +297,12 @@ def run(args: argparse.Namespace, argv: list) -> dict:
             median = statistics.median(times)
             counted = nf4_bytes(weight.numel(), dtype)
             diff = float((fn().float() - reference().float()).abs().max())
+            peak = call_peak_bytes(fn, device)
             rows.append({"shape": [out_features, in_features], "backend": backend, "elements": weight.numel(),
                          "bytes": counted, "median_s": median, "min_s": min(times),
                          "gb_per_s": counted["total"] / median / 1e9, "elements_per_s": weight.numel() / median,
                          "fraction_of_copy": counted["total"] / median / 1e9 / record["copy"]["gb_per_s"],
-                         "max_abs_diff_vs_torch": diff})
+                         "max_abs_diff_vs_torch": diff, "call_peak_bytes": peak})
         record["results"] += rows
     g = record["gemv"]
     g["results"] = run_gemv(gemv_shapes, args.gemv_rows, dtype, device, repeats, list(GEMV_BACKENDS), g["skipped"])
@@ -297,9 +315,10 @@ def table(record: dict) -> str:
              f"median of {s['repeats']}",
              f"device copy ceiling: {record['copy']['gb_per_s']:.1f} GB/s ({record['copy']['bytes'] / 2**20:.1f} MiB "
              "buffer, read + write)", ""]
-    header = ["shape", "backend", "GB/s", "of copy", "ms", "Gelem/s", "max|diff| vs torch"]
+    header = ["shape", "backend", "GB/s", "of copy", "ms", "Gelem/s", "peak MiB", "max|diff| vs torch"]
     rows = [[f"{r['shape'][0]}x{r['shape'][1]}", r["backend"], f"{r['gb_per_s']:.2f}",
              f"{100 * r['fraction_of_copy']:.0f}%", f"{1e3 * r['median_s']:.3f}", f"{r['elements_per_s'] / 1e9:.2f}",
+             "-" if r.get("call_peak_bytes") is None else f"{r['call_peak_bytes'] / 2**20:.0f}",
              "-" if r.get("max_abs_diff_vs_torch") is None else f"{r['max_abs_diff_vs_torch']:.1e}"]
             for r in record["results"]]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]

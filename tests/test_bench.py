@@ -198,6 +198,7 @@ def test_kernels_quick(tmp_path, capsys):
         assert row["gb_per_s"] > 0
         assert row["bytes"]["written"] == row["elements"] * 4  # fp32 out
         assert row["max_abs_diff_vs_torch"] == 0.0  # bit-identical to the reference on the same bytes
+        assert row["call_peak_bytes"] is None or isinstance(row["call_peak_bytes"], int)  # None: no clear_refs
     assert "GB/s" in capsys.readouterr().out
 
 

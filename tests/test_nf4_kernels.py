@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import dequantize_nf4, nf4_absmax
+from kernels import dequantize_nf4, nf4_absmax, nf4_torch
 from phicore.nf4 import NF4Linear, nf4_code, quantize_nf4
 from interpreter import HAS_TRITON, run_under_interpreter
 
@@ -30,9 +30,12 @@ def _reference(packed, state, dtype):
     return out.view(state.shape).to(dtype)
 
 
+@pytest.mark.parametrize("slice_bytes", [None, 5])  # one slice, or ceil(130 / 5) = 26 slices, the last short
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_torch_path_matches_elementwise_reference(double_quant):
-    w = torch.randn(7, 37)  # odd element count, partial last block
+def test_torch_path_matches_elementwise_reference(double_quant, slice_bytes, monkeypatch):
+    if slice_bytes:
+        monkeypatch.setattr(nf4_torch, "DEQUANT_SLICE_BYTES", slice_bytes)
+    w = torch.randn(7, 37)  # odd element count (130 bytes), partial last block
     packed, state = quantize_nf4(w, blocksize=64, double_quant=double_quant)
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(dequantize_nf4(packed, state, dtype, backend="torch"), _reference(packed, state, dtype))
