@@ -25,6 +25,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+# --dtype spellings of the bench tools
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so a clock read after it counts that work."""
     if device.type == "cuda":

@@ -36,9 +36,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench._engines import ENGINES, LoraSettings, PhicoreEngine, Unavailable  # noqa: E402
-from bench._measure import Clock, MallocPeak, MemoryProbe, matmul_peak, rss_bytes, set_threads, sync  # noqa: E402
+from bench._measure import DTYPES, Clock, MallocPeak, MemoryProbe, matmul_peak, rss_bytes, set_threads, sync  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def log(message: str) -> None:

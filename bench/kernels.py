@@ -54,11 +54,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from bench._measure import MemoryProbe, cpu_name, device_name, set_threads, sync  # noqa: E402
+from bench._measure import DTYPES, MemoryProbe, cpu_name, device_name, set_threads, sync  # noqa: E402
 from bench.throughput import UsageError, load_average, versions, write_json  # noqa: E402
 from phicore.nf4 import quantize_nf4  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Phi-3-mini's linear layers (out, in): qkv_proj, o_proj, gate_up_proj, down_proj
 PHI3_MINI_SHAPES = [(9216, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]
 QUICK_SHAPES = [(256, 512), (512, 256)]
@@ -119,12 +118,16 @@ def time_call(fn, device: torch.device, repeats: int, warmup: int = 2) -> list:
     return times
 
 
+# the MemoryProbe.current() field that peak_since_reset() measures, per device type
+PEAK_MEASURE = {"cuda": "allocated_bytes", "mps": "driver_allocated_bytes"}
+
+
 def call_peak_bytes(fn, device: torch.device) -> int | None:
     """Memory one call of fn adds at its peak above what was in use before it (output included);
     None where the platform gives no peak (a CPU without /proc/self/clear_refs)."""
     probe = MemoryProbe(device)
     sync(device)
-    before = probe.current()["allocated_bytes" if device.type == "cuda" else "rss_bytes"]
+    before = probe.current()[PEAK_MEASURE.get(device.type, "rss_bytes")]
     probe.reset_peak()
     out = fn()
     sync(device)
@@ -163,14 +166,19 @@ def _state_from_bnb(quant_state):
                     nested_blocksize=256 if nested is None else nested.blocksize)
 
 
+def triton_skip_reason(device: torch.device) -> str:
+    """Why the Triton backend gives no speed figure on `device`."""
+    if device.type == "cpu":
+        return "runs on CPU only in Triton's interpreter (no speed figure)"
+    return f"needs triton and a CUDA device ({device.type} here)"
+
+
 def backend_runner(backend: str, weight: torch.Tensor, dtype: torch.dtype, device: torch.device):
     """(call making the dense weight, call making the PyTorch reference of the same packed bytes)
     or (None, the reason the backend cannot run here)."""
     if backend in ("triton", "torch"):
         if backend == "triton" and not kernels.triton_available(device):
-            why = "runs on CPU only in Triton's interpreter (no speed figure)" if device.type == "cpu" else \
-                f"needs triton and a CUDA device ({device.type} here)"
-            return None, why
+            return None, triton_skip_reason(device)
         packed, state = quantize_nf4(weight)
         return (lambda: kernels.dequantize_nf4(packed, state, dtype, backend=backend),
                 lambda: kernels.dequantize_nf4(packed, state, dtype, backend="torch"))
@@ -192,9 +200,7 @@ def gemv_runner(backend: str, weight: torch.Tensor, x: torch.Tensor, device: tor
     bytes) or (None, the reason the backend cannot run here)."""
     if backend in ("triton", "dequant+matmul"):
         if backend == "triton" and not kernels.triton_available(device):
-            why = "runs on CPU only in Triton's interpreter (no speed figure)" if device.type == "cpu" else \
-                f"needs triton and a CUDA device ({device.type} here)"
-            return None, why
+            return None, triton_skip_reason(device)
         packed, state = quantize_nf4(weight)
         reference = lambda: kernels.nf4_matvec(x, packed, state, backend="torch")  # noqa: E731
         if backend == "triton":

@@ -1,6 +1,6 @@
 """Compile every Triton kernel for a Hopper GPU without one: registers, spills, shared memory.
 
-    python bench/kernels_codegen.py [--arch 90] [--dtype bfloat16] [--json PATH]
+    python bench/kernels_codegen.py [--arch 90] [--dtype bf16] [--json PATH]
 
 The interpreter tests (TRITON_INTERPRET=1) check the kernels' arithmetic on CPU, but never run
 Triton's GPU compiler: a kernel that does not lower to PTX, or whose tiles are too large for the
@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from bench._measure import DTYPES  # noqa: E402
+
 ROWS = 8  # tokens per launch: the tile configuration depends on the widths, not on the row count
 PTXAS_INFO = {
     "registers": re.compile(r"Used (\d+) registers"),
@@ -207,7 +208,7 @@ def compile_all(arch: int, dtype: torch.dtype) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="activation dtype")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     try:

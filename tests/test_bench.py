@@ -26,6 +26,21 @@ def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _bench_main(module: str, argv: list):
+    """bench/<module>.py's main(argv) in this process (the torch import is already paid), with
+    torch's thread count restored afterwards (--threads sets it for the whole process)."""
+    sys.path.insert(0, str(ROOT))
+    import importlib
+
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return importlib.import_module(f"bench.{module}").main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One throughput run over all four engines: tiny shape, 2 timed steps, short generation."""
@@ -175,18 +190,9 @@ def test_bad_arguments_exit_2(capsys):
 
 
 def test_kernels_quick(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT))
-    from bench import kernels as bench_kernels  # in-process: the torch import is already paid
-
-    import torch
-
     out = tmp_path / "kernels.json"
-    threads = torch.get_num_threads()
-    try:
-        assert bench_kernels.main(["--device", "cpu", "--quick", "--repeats", "1", "--threads", "1",
+    assert _bench_main("kernels", ["--device", "cpu", "--quick", "--repeats", "1", "--threads", "1",
                                    "--json", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)  # --threads set it for this whole process
     record = json.loads(out.read_text())
     assert record["copy"]["gb_per_s"] > 0
     backends = {row["backend"] for row in record["results"]}
@@ -203,18 +209,9 @@ def test_kernels_quick(tmp_path, capsys):
 
 
 def test_collate_records_time_and_batch_bytes(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT))
-    from bench import collate as bench_collate
-
-    import torch
-
     out = tmp_path / "collate.json"
-    threads = torch.get_num_threads()
-    try:
-        record = bench_collate.main(["--batch", "3", "--seq", "256", "--min-length", "20", "--max-length", "90",
+    record = _bench_main("collate", ["--batch", "3", "--seq", "256", "--min-length", "20", "--max-length", "90",
                                      "--repeats", "2", "--json", str(out)])
-    finally:
-        torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == record
     shape = record["shape"]
     assert shape["batch"] == 3 and shape["tokens_per_row"] == 256 and 0 < shape["real_tokens"] <= 3 * 256
@@ -224,5 +221,5 @@ def test_collate_records_time_and_batch_bytes(tmp_path, capsys):
                                             ("input_ids", "labels", "attention_mask", "position_ids", "document_ids")}
     assert "collate_packed 3 x 256" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        bench_collate.main(["--min-length", "500", "--seq", "256"])
+        _bench_main("collate", ["--min-length", "500", "--seq", "256"])
     assert exit_info.value.code == 2

@@ -26,7 +26,7 @@ from phicore.config import ModelConfig
 from phicore.layers import LayerNorm, RMSNorm, apply_rotary
 from phicore.model import PhiForCausalLM
 from tiny_models import SHAPES
-from interpreter import HAS_TRITON, autograd_node_names, interpreter_fixture
+from interpreter import autograd_node_names, interpreter_fixture, needs_cuda_triton
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -277,8 +277,6 @@ def test_models_with_triton_kernels_match_plain_path(interpreter_results):
 
 
 # ----------------------------------------------------------------------------- GPU
-needs_cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
-                                       reason="needs a CUDA device and triton")
 
 
 @pytest.mark.gpu

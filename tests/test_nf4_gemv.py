@@ -27,7 +27,7 @@ import torch
 import kernels
 from phicore import nf4 as nf4_module
 from phicore.nf4 import GEMV_MAX_TOKENS, NF4Linear, load_bnb_linear_state, quantize_nf4
-from interpreter import HAS_TRITON, interpreter_fixture
+from interpreter import interpreter_fixture, needs_cuda_triton
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,9 +226,6 @@ def test_generate_same_tokens_with_gemv(interpreter_results):
 
 
 # ----------------------------------------------------------------------------- CUDA
-needs_cuda_triton = pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA device and triton"
-)
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import torch
 import kernels
 from kernels import dequantize_nf4, nf4_absmax, nf4_torch
 from phicore.nf4 import NF4Linear, nf4_code, quantize_nf4
-from interpreter import HAS_TRITON, run_under_interpreter
+from interpreter import HAS_TRITON, needs_cuda_triton, run_under_interpreter
 
 
 
@@ -93,9 +93,6 @@ def test_triton_interpreter_matches_torch():
     assert all(r[-1] for r in results), [r for r in results if not r[-1]]
 
 
-needs_cuda_triton = pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA device and triton"
-)
 
 
 @pytest.mark.gpu
