@@ -90,7 +90,7 @@ def _full_logits_loss(model, batch) -> torch.Tensor:
 
 def _torch_op(op: str):
     def apply(engine):
-        import kernels
+        from phicore import kernels
 
         kernels.set_default_backend("torch", op=op)
     return apply
@@ -167,7 +167,7 @@ class PhicoreEngine(Engine):
         return len(generate(self.model, prompt, max_new_tokens=new_tokens, temperature=0.0))
 
     def info(self) -> dict:
-        import kernels
+        from phicore import kernels
 
         out = {"lora_target_modules": self.model.lora_config["target_modules"],
                "attention": "torch.nn.functional.scaled_dot_product_attention", "options": list(self.options)}

@@ -46,14 +46,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# This file is bench/kernels.py: with bench/ first on the path, `import kernels` would import it.
-# The repository root goes first instead, so `kernels` is phicore's package.
+# phicore from this checkout: the repository root goes first on the path (bench/ off it).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+from phicore import kernels  # noqa: E402
 from bench._measure import DTYPES, MemoryProbe, cpu_name, device_name, set_threads, sync  # noqa: E402
 from bench.throughput import UsageError, load_average, versions, write_json  # noqa: E402
 from phicore.nf4 import quantize_nf4  # noqa: E402

@@ -105,8 +105,8 @@ def nf4_state(out_features: int, in_features: int):
 
 def launches(dtype: torch.dtype) -> list:
     """(label, call) per kernel configuration the models use: each call runs one launch wrapper."""
-    from kernels import gelu_triton, layernorm_triton, nf4_gemv_triton, nf4_triton, rmsnorm_triton, rope_triton
-    from kernels import swiglu_triton
+    from phicore.kernels import gelu_triton, layernorm_triton, nf4_gemv_triton, nf4_triton, rmsnorm_triton, rope_triton
+    from phicore.kernels import swiglu_triton
 
     def t(*shape, dt=dtype):
         return torch.zeros(shape, dtype=dt)

@@ -4,7 +4,15 @@ This file only re-exports the public API. Names are resolved lazily so that
 `import phicore` stays cheap and each concept lives in its own module.
 """
 
+import importlib.util
+import os
 from importlib import import_module
+
+# kernels/ sits at the repository's top level and installs as phicore.kernels (setup.py's
+# package_dir; the global name `kernels` is Hugging Face's). Run from a checkout that was not
+# pip-installed, phicore.kernels is found in that folder.
+if importlib.util.find_spec(__name__ + ".kernels") is None:
+    __path__.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Imported eagerly: the function shares its module's name, and a lazy lookup would be
 # shadowed by the submodule once anything imports `phicore.generate`.

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from . import kernels
 
 from .attention import BlockMask, flex_attention, packed_mask, set_packed_attention, uses_flex  # noqa: F401 (re-exported)
 from .config import ModelConfig

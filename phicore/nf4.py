@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels import dequantize_nf4
+from . import kernels
+from .kernels import dequantize_nf4
 
 __all__ = [
     "NF4_CODE",

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from phicore import kernels
 from phicore.config import ModelConfig
 from phicore.layers import LayerNorm, RMSNorm, apply_rotary
 from phicore.model import PhiForCausalLM
@@ -147,8 +147,8 @@ _INTERPRETER_CHECK = textwrap.dedent(
     """
     import json, sys, torch
     sys.path.insert(0, "tests")
-    import kernels
-    from kernels import fused_torch as ft
+    from phicore import kernels
+    from phicore.kernels import fused_torch as ft
     from phicore.config import ModelConfig
     from phicore.lora import apply_lora, lora_layers
     from phicore.model import PhiForCausalLM

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import dequantize_nf4, nf4_absmax
+from phicore.kernels import dequantize_nf4, nf4_absmax
 from phicore.nf4 import (
     NF4Linear,
     NF4State,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+from phicore import kernels
 from phicore import nf4 as nf4_module
 from phicore.nf4 import GEMV_MAX_TOKENS, NF4Linear, load_bnb_linear_state, quantize_nf4
 from interpreter import interpreter_fixture, needs_cuda_triton
@@ -80,8 +80,8 @@ _INTERPRETER_CHECK = textwrap.dedent(
     """
     import itertools, json, sys, torch
     sys.path.insert(0, "tests")
-    import kernels
-    from kernels import nf4_gemv_triton
+    from phicore import kernels
+    from phicore.kernels import nf4_gemv_triton
     from phicore import nf4 as nf4_module
     from phicore.config import ModelConfig
     from phicore.generate import generate

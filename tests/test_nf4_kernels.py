@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-import kernels
-from kernels import dequantize_nf4, nf4_absmax, nf4_torch
+from phicore import kernels
+from phicore.kernels import dequantize_nf4, nf4_absmax, nf4_torch
 from phicore.nf4 import NF4Linear, nf4_code, quantize_nf4
 from interpreter import HAS_TRITON, needs_cuda_triton, run_under_interpreter
 
@@ -67,8 +67,8 @@ def test_backend_switch():
 _INTERPRETER_CHECK = textwrap.dedent(
     """
     import json, torch
-    import kernels
-    from kernels import dequantize_nf4
+    from phicore import kernels
+    from phicore.kernels import dequantize_nf4
     from phicore.nf4 import quantize_nf4
     assert kernels.triton_available("cpu"), "interpreter not active"
     g = torch.Generator().manual_seed(0)
