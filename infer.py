@@ -15,68 +15,98 @@ flags, prompts file, export target) prints one line and exits 2 before anything 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from phicore.export import ExportError
 from phicore.inference import GenerationSettings, InferenceError, load_session, read_prompts
+from phicore.settings import SettingsError, build_parser, cli_values, normalize_argv, setting
+from phicore.weights import DTYPE_NAMES
+
+DESCRIPTION = "Generate with, compare, merge or export a phicore / PEFT LoRA adapter."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate with, compare, merge or export a phicore / PEFT LoRA adapter.")
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
-    a = p.add_argument
-    a("--adapter", required=True, help="adapter folder (train.py's --out, or one of its checkpoints)")
-    a("--base", default=None, help="base model (preset, hub id or folder) instead of the one the adapter records")
-    a("--prompt", default=None, help="answer this prompt once")
-    a("--prompts-file", default=None, help="answer every prompt of a file: one per line, or JSONL with 'prompt' "
-                                           "('-' reads stdin)")
-    a("--system", default=None, help="system message (chat-template models)")
-    a("--output", default=None, help="with --prompts-file: also write the answers as JSONL to this file")
-    a("--compare", action="store_true", help="show the base model's answer too (the same weights, adapter switched off) next to the fine-tuned one")
-    a("--layout", choices=["stacked", "side"], default="stacked", help="--compare: one under the other, or in columns")
-    a("--no-stream", dest="stream", action="store_false", help="print answers when complete, not token by token")
-    a("--batch-size", type=int, default=8, help="prompts generated together with --prompts-file")
-    a("--max-new-tokens", type=int, default=256, help="most tokens per answer")
-    a("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (deterministic)")
-    a("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    a("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
-    a("--repetition-penalty", type=float, default=1.0, help="penalise tokens already in the text (1 = off)")
-    a("--seed", type=int, default=None, help="sampling seed")
-    a("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
-    a("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on GPU)")
-    a("--quantize", choices=["nf4"], default=None,
-      help="hold the base in 4-bit NF4 (default: as the adapter was trained)")
-    a("--merge", default=None, metavar="DIR", help="write base + adapter merged as a Hugging Face folder")
-    a("--max-shard-size", default="5GB", help="--merge: largest safetensors shard (e.g. 5GB, 500MB)")
-    a("--gguf", default=None, metavar="FILE", help="write base + adapter merged as a GGUF file for llama.cpp")
-    a("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16", help="--gguf: weight type")
-    a("--quiet", action="store_true", help="no loading messages or progress bars")
-    return p
+@dataclasses.dataclass
+class InferOptions:
+    """infer.py's flags besides the generation settings (phicore.inference.GenerationSettings)."""
+
+    adapter: Optional[str] = setting(None, "adapter folder: train.py's --out, or one of its checkpoints (required)",
+                                     section="adapter", metavar="DIR")
+    base: Optional[str] = setting(None, "base model (preset, hub id or folder) instead of the one the adapter "
+                                  "records", section="adapter", metavar="MODEL")
+    prompt: Optional[str] = setting(None, "answer this prompt once", section="prompts", metavar="TEXT")
+    prompts_file: Optional[str] = setting(None, "answer every prompt of a file: one per line, or JSONL with "
+                                          "'prompt' ('-' reads stdin)", section="prompts", metavar="FILE")
+    system: Optional[str] = setting(None, "system message (chat-template models)", section="prompts", metavar="TEXT")
+    output: Optional[str] = setting(None, "with --prompts-file: also write the answers as JSONL to this file",
+                                    section="prompts", metavar="FILE")
+    batch_size: int = setting(8, "prompts generated together with --prompts-file", section="prompts",
+                              range="[1, inf)")
+    compare: bool = setting(False, "show the base model's answer too (the same weights, adapter switched off) next "
+                            "to the fine-tuned one", section="output")
+    layout: str = setting("stacked", "--compare: one under the other, or in columns", section="output",
+                          choices=("stacked", "side"))
+    stream: bool = setting(True, "print answers token by token (--no-stream: when complete)", section="output")
+    quiet: bool = setting(False, "no loading messages or progress bars", section="output")
+    device: Optional[str] = setting(None, "cpu, cuda, cuda:1, mps (default: the best available)", section="device")
+    dtype: Optional[str] = setting(None, "default: fp32 on CPU, bf16 on GPU", section="device", choices=DTYPE_NAMES)
+    quantize: Optional[str] = setting(None, "hold the base in 4-bit NF4 (default: as the adapter was trained)",
+                                      section="device", choices=("nf4",))
+    merge: Optional[str] = setting(None, "write base + adapter merged as a Hugging Face folder", section="export",
+                                   metavar="DIR")
+    max_shard_size: str = setting("5GB", "--merge: largest safetensors shard (e.g. 5GB, 500MB)", section="export",
+                                  metavar="SIZE")
+    gguf: Optional[str] = setting(None, "write base + adapter merged as a GGUF file for llama.cpp", section="export",
+                                  metavar="FILE")
+    gguf_type: str = setting("f16", "--gguf: weight type", section="export", choices=("f16", "bf16", "q8_0"))
+
+    def __post_init__(self):
+        from phicore.export.merge import parse_size
+        from phicore.settings import check
+
+        check(self)
+        if self.adapter is None:
+            raise SettingsError("--adapter is required (train.py's --out folder)", field="adapter")
+        if self.prompt is not None and self.prompts_file is not None:
+            raise SettingsError("give --prompt or --prompts-file, not both", field="prompt")
+        if self.output and self.prompts_file is None:
+            raise SettingsError("--output needs --prompts-file", field="output")
+        if (self.merge or self.gguf) and self.quantize:
+            raise SettingsError("--quantize cannot be combined with --merge/--gguf: merging needs the dense base "
+                                "(a QLoRA adapter's NF4 base is loaded and dequantised automatically)",
+                                field="quantize")
+        try:
+            self.max_shard_bytes = parse_size(self.max_shard_size)
+        except ExportError as err:
+            raise SettingsError(str(err), field="max_shard_size") from None
+
+    @property
+    def exporting(self) -> bool:
+        return bool(self.merge or self.gguf)
 
 
-def _check_args(args, interactive: bool) -> None:
-    """Everything that can be checked before loading the model."""
-    from phicore.export.merge import check_target_folder, parse_size
+def parse_command_line(argv=None) -> tuple:
+    """(InferOptions, GenerationSettings) from the flags; SettingsError names a bad one."""
+    parser = build_parser([InferOptions, GenerationSettings], prog="infer.py", description=DESCRIPTION,
+                          epilog="Every flag is also accepted in snake_case (--max_new_tokens).")
+    namespace = parser.parse_args(normalize_argv(parser, sys.argv[1:] if argv is None else list(argv)))
+    return (InferOptions(**cli_values(InferOptions, namespace)),
+            GenerationSettings(**cli_values(GenerationSettings, namespace)))
 
-    if args.prompt is not None and args.prompts_file is not None:
-        raise InferenceError("give --prompt or --prompts-file, not both")
-    if args.batch_size < 1:
-        raise InferenceError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.output and args.prompts_file is None:
-        raise InferenceError("--output needs --prompts-file")
-    asked = args.prompt is not None or args.prompts_file is not None or args.merge or args.gguf
+
+def _check_targets(args, interactive: bool) -> None:
+    """What needs the file system or the terminal, checked before loading the model."""
+    from phicore.export.merge import check_target_folder
+
+    asked = args.prompt is not None or args.prompts_file is not None or args.exporting
     if not asked and not interactive:
         raise InferenceError("nothing to do: give --prompt or --prompts-file (stdin is not a terminal for a chat; "
                              "--prompts-file - reads prompts from it), or --merge / --gguf")
-    if (args.merge or args.gguf) and args.quantize:
-        raise InferenceError("--quantize cannot be combined with --merge/--gguf: merging needs the dense base "
-                             "(a QLoRA adapter's NF4 base is loaded and dequantised automatically)")
     if args.merge:
         check_target_folder(args.merge)
-        args.max_shard_bytes = parse_size(args.max_shard_size)
     if args.gguf:
         from phicore.export.gguf import import_gguf
 
@@ -118,21 +148,22 @@ def _export(args, session, log) -> None:
 
 
 def main(argv=None, *, stdin=None, stdout=None) -> int:
-    args = build_parser().parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    try:
+        args, settings = parse_command_line(argv)
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     def log(message: str) -> None:
         if not args.quiet or message.startswith(("warning", "note")):
             print(message, file=sys.stderr)
 
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                                  args.repetition_penalty, args.seed)
     try:
-        settings.check()
-        _check_args(args, interactive=stdin.isatty())
+        _check_targets(args, interactive=stdin.isatty())
         prompts = read_prompts(args.prompts_file, stdin) if args.prompts_file is not None else None
         session = load_session(args.adapter, base=args.base, device=args.device, dtype=args.dtype,
-                               quantize=args.quantize, dense=bool(args.merge or args.gguf), warn=log)
+                               quantize=args.quantize, dense=args.exporting, warn=log)
     except (InferenceError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -151,9 +182,9 @@ def main(argv=None, *, stdin=None, stdout=None) -> int:
             if args.output:
                 _write_jsonl(args.output, results)
                 log(f"answers written to {args.output}")
-        elif not (args.merge or args.gguf):
+        elif not args.exporting:
             console.chat()
-        if args.merge or args.gguf:
+        if args.exporting:
             _export(args, session, log)
     except (InferenceError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)

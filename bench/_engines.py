@@ -8,7 +8,7 @@
 
 Every engine reads the same random checkpoint folder, so weights, shapes, LoRA rank/targets,
 dtype and checkpointing are the same on both sides; only the stack differs. The phicore engines
-use what phicore's own training uses (`load_model`, `apply_lora`, `train.loop.token_loss_sum`,
+use what phicore's own training uses (`load_model`, `apply_lora`, the model's summed token loss,
 `generate`), so a later speed change in phicore shows up here.
 
 transformers / peft / bitsandbytes are imported inside the HF engines only: a missing library
@@ -79,9 +79,14 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------- phicore
+def _chunked_loss(model, batch) -> torch.Tensor:
+    """What phicore's training step computes: the model's chunked summed token loss."""
+    return model(batch.input_ids, labels=batch.labels, **batch.model_inputs())
+
+
 def _full_logits_loss(model, batch) -> torch.Tensor:
     """The loss before the chunked linear + cross-entropy: full (B, T, V) logits, fp32 CE."""
-    from phicore.data.collate import IGNORE_INDEX
+    from phicore.data.tokenization import IGNORE_INDEX
 
     logits = model(batch.input_ids, batch.attention_mask, batch.position_ids)  # (B, T, V)
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
@@ -90,22 +95,22 @@ def _full_logits_loss(model, batch) -> torch.Tensor:
 
 def _torch_op(op: str):
     def apply(engine):
-        from phicore import kernels
+        from phicore import set_paths
 
-        kernels.set_default_backend("torch", op=op)
+        set_paths(kernels={op: "torch"})
     return apply
 
 
 def _unfused_lora(engine):
-    from phicore.lora import set_fused_lora
+    from phicore import set_paths
 
-    set_fused_lora(False)
+    set_paths(fused_lora=False)
 
 
 def _sdpa_attention(engine):
-    from phicore.attention import set_packed_attention
+    from phicore import set_paths
 
-    set_packed_attention("sdpa")
+    set_paths(packed_attention="sdpa")
 
 
 def _offload_checkpoints(engine):
@@ -156,9 +161,7 @@ class PhicoreEngine(Engine):
                 apply(self)
 
     def forward_loss(self, batch) -> torch.Tensor:
-        from phicore.train.loop import token_loss_sum
-
-        loss_sum = _full_logits_loss if "full-logits-loss" in self.options else token_loss_sum
+        loss_sum = _full_logits_loss if "full-logits-loss" in self.options else _chunked_loss
         return loss_sum(self.model, batch) / max(batch.num_target_tokens, 1)
 
     def generate(self, prompt: list, new_tokens: int) -> int:
@@ -168,14 +171,12 @@ class PhicoreEngine(Engine):
 
     def info(self) -> dict:
         from phicore import kernels
+        from phicore.peft_io import lora_config
 
-        out = {"lora_target_modules": self.model.lora_config["target_modules"],
+        out = {"lora_target_modules": lora_config(self.model)["target_modules"],
                "attention": "torch.nn.functional.scaled_dot_product_attention", "options": list(self.options)}
         if self.quantize:
-            backend = kernels.get_default_backend()
-            if backend == "auto":
-                backend = "triton" if self.device.type == "cuda" and kernels.triton_available(self.device) else "torch"
-            out["nf4_dequant_backend"] = backend
+            out["nf4_dequant_backend"] = kernels.resolve_backend("nf4", self.device)
             out["quantization"] = "phicore NF4Linear, blocksize 64, double quant, compute dtype " + \
                 str(self.dtype).replace("torch.", "")
         return out

@@ -85,7 +85,8 @@ def make_checkpoint(job: dict) -> dict:
 def make_batch(job: dict, vocab_size: int, device: torch.device):
     """The benchmark batch: seeded random ids (B, T), every position a real token, every token
     but the first a target (phicore's Batch; labels not shifted)."""
-    from phicore.data.collate import IGNORE_INDEX, Batch
+    from phicore.data.collate import Batch
+    from phicore.data.tokenization import IGNORE_INDEX
 
     B, T = job["batch_size"], job["seq_len"]
     generator = torch.Generator().manual_seed(job["seed"])

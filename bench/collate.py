@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from phicore.data.collate import Example, collate_packed  # noqa: E402
+from phicore.data.collate import collate_packed  # noqa: E402
+from phicore.data.tokenization import Example  # noqa: E402
 
 
 def packed_rows(batch: int, seq: int, min_length: int, max_length: int, seed: int) -> list:

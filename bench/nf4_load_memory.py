@@ -130,7 +130,7 @@ def measure(checkpoint: Path, dtype: str) -> dict:
     import torch
 
     import phicore
-    from phicore.nf4 import NF4Linear
+    from phicore.frozen_linear import NF4Linear
     from phicore.weights import read_header_shapes
 
     torch.set_num_threads(os.cpu_count() or 1)

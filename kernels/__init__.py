@@ -10,16 +10,16 @@
 
 backend: "triton" (the Triton kernel: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 "torch" (the PyTorch reference: any device), "auto" (Triton on CUDA when triton imports, PyTorch
-otherwise), or None for the process default, which set_default_backend() changes, for every op
-or for one (`set_default_backend("torch", op="rope")`: the force switch used to measure one
-kernel at a time). No environment variable of ours is read; triton is imported only when the
-Triton path is asked for.
+otherwise), or None for the process-wide choice in phicore.code_paths ("auto" unless forced),
+for every op or for one (`with phicore.force_paths(kernels={"rope": "torch"}):` measures one
+kernel at a time; `kernels="torch"` forces all). No environment variable of ours is read;
+triton is imported only when the Triton path is asked for.
 
 The fused ops are autograd Functions (kernels/fused.py) saving only what backward needs; their
 PyTorch twins are in kernels/fused_torch.py and each Triton file carries its math in its
 docstring. phicore/layers.py calls them only where `uses_triton(op, device)` is true (CUDA by
-default), so CPU runs keep the plain PyTorch modules bit for bit. Likewise phicore.nf4.NF4Linear
-calls nf4_matvec (op "nf4_gemv", kernels/nf4_gemv_triton.py, reference nf4_torch.nf4_matvec_torch)
+default), so CPU runs keep the plain PyTorch modules bit for bit. Likewise NF4 layers
+(phicore.frozen_linear) call nf4_matvec (op "nf4_gemv", kernels/nf4_gemv_triton.py, reference nf4_torch.nf4_matvec_torch)
 only where uses_triton("nf4_gemv", device), for a few tokens and no gradient (decoding).
 """
 
@@ -31,6 +31,8 @@ from types import SimpleNamespace
 
 import torch
 
+from phicore.code_paths import current_paths
+
 from . import fused_torch
 from .fused import GeluTanhFunction, LayerNormFunction, RMSNormFunction, RotaryFunction, SwiGLUFunction
 from .nf4_torch import dequantize_nf4_torch, nf4_absmax, nf4_matvec_torch
@@ -41,7 +43,6 @@ __all__ = [
     "dequantize_nf4",
     "dequantize_nf4_torch",
     "gelu_tanh",
-    "get_default_backend",
     "layer_norm",
     "nf4_absmax",
     "nf4_matvec",
@@ -49,7 +50,6 @@ __all__ = [
     "resolve_backend",
     "rms_norm",
     "rotary_qk",
-    "set_default_backend",
     "swiglu",
     "triton_available",
     "uses_triton",
@@ -77,33 +77,11 @@ _TORCH_IMPLS = {
     "gelu_tanh": SimpleNamespace(forward=fused_torch.gelu_tanh_forward_torch,
                                  backward=fused_torch.gelu_tanh_backward_torch),
 }
-_default_backend = "auto"
-_op_backends: dict = {}  # op -> backend, overriding the default for that op
 
 
 def _check_op(op):
     if op is not None and op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-
-
-def set_default_backend(backend: str, op: str | None = None) -> str:
-    """Set the backend used when a call passes backend=None, for every op (op=None) or for one
-    op; returns the previous setting (for op=None, the global default)."""
-    global _default_backend
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_op(op)
-    if op is None:
-        previous, _default_backend = _default_backend, backend
-        return previous
-    previous = _op_backends.get(op, _default_backend)
-    _op_backends[op] = backend
-    return previous
-
-
-def get_default_backend(op: str | None = None) -> str:
-    _check_op(op)
-    return _op_backends.get(op, _default_backend) if op is not None else _default_backend
 
 
 @functools.cache
@@ -131,7 +109,7 @@ def triton_available(device: torch.device | str) -> bool:
 
 
 def _resolve(backend: str | None, device: torch.device, op: str | None = None) -> str:
-    backend = get_default_backend(op) if backend is None else backend
+    backend = current_paths().kernel_backend(op) if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

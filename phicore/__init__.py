@@ -28,8 +28,15 @@ _PUBLIC_API = {
     "load_tokenizer": "phicore.tokenizer",
     "Tokenizer": "phicore.tokenizer",
     "apply_lora": "phicore.lora",
-    "save_adapter": "phicore.lora",
-    "load_adapter": "phicore.lora",
+    "save_adapter": "phicore.peft_io",
+    "load_adapter": "phicore.peft_io",
+    "RunConfig": "phicore.train.config",
+    "finetune": "phicore.train.run",
+    "RunRecord": "phicore.record",
+    "CodePaths": "phicore.code_paths",
+    "current_paths": "phicore.code_paths",
+    "set_paths": "phicore.code_paths",
+    "force_paths": "phicore.code_paths",
 }
 
 __all__ = sorted([*_PUBLIC_API, "generate"])

@@ -21,11 +21,11 @@ Two ways to run it, chosen once per forward (`packed_mask`):
   attention work drops from ~T^2/2 to ~k L^2/2. The block lists come straight from `lo` in
   O(B (T / BLOCK_SIZE)^2) (`document_block_mask`), never from a T x T mask.
 
-`set_packed_attention("auto" | "flex" | "sdpa")` is the force switch. "auto" (the default) takes
-flex on CUDA and SDPA elsewhere: on CPU flex_attention runs unfused (it materialises the
-scores) and torch refuses its backward there. Attention dropout > 0 while training always
-takes SDPA (flex_attention has no dropout; Phi configs use 0.0). On CUDA flex_attention runs
-torch.compile'd (compiled once per process, on first use); elsewhere eagerly.
+`phicore.force_paths(packed_attention="auto" | "flex" | "sdpa")` (phicore/code_paths.py) forces
+either. "auto" (the default) takes flex on CUDA and SDPA elsewhere: on CPU flex_attention runs
+unfused (it materialises the scores) and torch refuses its backward there. Attention dropout > 0
+while training always takes SDPA (flex_attention has no dropout; Phi configs use 0.0). On CUDA
+flex_attention runs torch.compile'd (compiled once per process, on first use); elsewhere eagerly.
 """
 
 from __future__ import annotations
@@ -37,37 +37,26 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.attention.flex_attention import flex_attention as _torch_flex_attention
 
-__all__ = ["BlockMask", "BLOCK_SIZE", "MODES", "set_packed_attention", "packed_attention_mode", "uses_flex",
-           "document_bounds", "document_dense_mask", "document_block_mask", "packed_mask", "flex_attention"]
+from .code_paths import current_paths
 
-MODES = ("auto", "flex", "sdpa")
+__all__ = ["BlockMask", "BLOCK_SIZE", "MODES", "uses_flex", "document_bounds", "document_dense_mask",
+           "document_block_mask", "packed_mask", "flex_attention"]
+
+MODES = ("auto", "flex", "sdpa")  # the packed_attention choices of phicore.code_paths
 BLOCK_SIZE = 128  # flex_attention's default tile (queries x keys)
 
-_mode = "auto"
 _compiled_flex = None  # torch.compile(flex_attention), built on first CUDA use
 
 
 # ----------------------------------------------------------------------------- switch
-def set_packed_attention(mode: str) -> None:
-    """Force how packed rows (`document_ids`) are attended: "flex" (BlockMask + flex_attention),
-    "sdpa" (dense bool mask + scaled_dot_product_attention) or "auto" (flex on CUDA only)."""
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"set_packed_attention: unknown mode {mode!r} (one of {', '.join(MODES)})")
-    _mode = mode
-
-
-def packed_attention_mode() -> str:
-    """The current setting of `set_packed_attention`."""
-    return _mode
-
-
 def uses_flex(device: torch.device, attention_dropout: float = 0.0) -> bool:
-    """Whether a packed batch on `device` goes through flex_attention. `attention_dropout`: the
-    dropout that applies now (0 outside training); flex has none, so any dropout means SDPA."""
-    if _mode == "sdpa" or attention_dropout > 0:
+    """Whether a packed batch on `device` goes through flex_attention under the current
+    packed_attention choice (phicore.code_paths). `attention_dropout`: the dropout that applies
+    now (0 outside training); flex has none, so any dropout means SDPA."""
+    mode = current_paths().packed_attention
+    if mode == "sdpa" or attention_dropout > 0:
         return False
-    return _mode == "flex" or torch.device(device).type == "cuda"
+    return mode == "flex" or torch.device(device).type == "cuda"
 
 
 # ----------------------------------------------------------------------------- masks

@@ -20,15 +20,20 @@ def hub_id_for(name_or_path: str) -> str:
 
 
 def resolve_model_dir(name_or_path) -> Path:
-    """Return a local folder for a preset name, a hub id or a folder path."""
+    """Return a local folder for a preset name, a hub id or a folder path. The offline tiny
+    presets (tiny-phi-2, tiny-phi-3) are built once into the cache (phicore.tiny.tiny_dir)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
+    from .tiny import TINY_PRESETS, build_tiny, tiny_dir  # imported on use: it builds models
+
+    if name in TINY_PRESETS:
+        return build_tiny(name, tiny_dir(name))
     repo_id = hub_id_for(name)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix
     if looks_like_path or "/" not in repo_id:
-        known = ", ".join(sorted(PRESETS))
+        known = ", ".join([*sorted(PRESETS), *TINY_PRESETS])
         raise FileNotFoundError(
             f"{name}: no such folder, and not a preset ({known}) or a hub id like 'microsoft/phi-2'"
         )

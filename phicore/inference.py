@@ -31,10 +31,12 @@ import torch
 
 from .data import ChatTemplateFormat, PromptFormat, encode_prompt, prompt_format_for
 from .generate import generate
-from .lora import CONFIG_NAME, WEIGHTS_NAME, disable_adapter, load_adapter
-from .lora import read_adapter_config  # checks adapter_config.json (peft_type, fields)
+from .lora import disable_adapter
+from .peft_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from .peft_io import read_adapter_config  # checks adapter_config.json (peft_type, fields)
+from .record import RecordError, RunRecord
+from .settings import check, setting
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
-from .train.run import RUN_RECORD
 from .weights import default_device, load_model, parse_dtype
 
 TextCallback = Callable[[int, str], None]  # (row, new text)
@@ -55,24 +57,23 @@ class AdapterInfo:
 
     directory: Path
     base_model: str  # folder or hub id, resolved as far as the local disk allows
-    prompt_template: Optional[str]  # "chat", "instruct", a custom template, or None (tokenizer default)
-    quantization: Optional[dict]  # {"type": "nf4", "double_quant": bool, "compute_dtype": str} or None
-    record: dict = field(default_factory=dict, repr=False)  # training_config.json as read ({} if none)
+    adapter_config: dict = field(repr=False)  # adapter_config.json, read and checked once
+    record: Optional[RunRecord] = field(default=None, repr=False)  # training_config.json, if there is one
     record_path: Optional[Path] = None
 
     @property
+    def prompt_template(self) -> Optional[str]:
+        """"chat", "instruct", a custom template, or None (the tokenizer's default)."""
+        return self.record.prompt_template if self.record else None
+
+    @property
+    def quantization(self) -> Optional[dict]:
+        """{"type": "nf4", "double_quant": bool, "compute_dtype": str}, or None."""
+        return self.record.quantization if self.record else None
+
+    @property
     def quantized(self) -> bool:
-        return bool(self.quantization and self.quantization.get("type"))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InferenceError(f"{path}: cannot read ({err})") from None
-    if not isinstance(value, dict):
-        raise InferenceError(f"{path}: expected a JSON object")
-    return value
+        return bool(self.record and self.record.quantized)
 
 
 def _resolve_base(recorded: str, adapter_dir: Path) -> str:
@@ -107,17 +108,20 @@ def read_adapter_info(directory, base: Optional[str] = None) -> AdapterInfo:
         adapter_config = read_adapter_config(directory)
     except ValueError as err:
         raise InferenceError(str(err)) from None
-    record_path = next((p for p in (directory / RUN_RECORD, directory.parent / RUN_RECORD) if p.is_file()), None)
-    record = _read_json(record_path) if record_path else {}
-    recorded = record.get("base_model") or adapter_config.get("base_model_name_or_path")
+    record_path = RunRecord.find(directory)
+    try:
+        record = RunRecord.read(record_path) if record_path else None
+    except RecordError as err:
+        raise InferenceError(str(err)) from None
+    recorded = record.base_model if record else adapter_config.get("base_model_name_or_path")
     if base is None and not recorded:
-        raise InferenceError(f"{directory}: no base model recorded ({RUN_RECORD} or {CONFIG_NAME}); pass --base")
+        raise InferenceError(f"{directory}: no base model recorded (training_config.json or {CONFIG_NAME}); "
+                             "pass --base")
     record_dir = record_path.parent if record_path else directory
     return AdapterInfo(
         directory=directory,
         base_model=base if base is not None else _resolve_base(str(recorded), record_dir),
-        prompt_template=record.get("prompt_template"),
-        quantization=record.get("quantization"),
+        adapter_config=adapter_config,
         record=record,
         record_path=record_path,
     )
@@ -191,24 +195,19 @@ def text_stops_for(prompt_format: PromptFormat) -> list:
 # ----------------------------------------------------------------------------- the session
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: Optional[int] = None
+    """How answers are sampled; declared once (phicore.settings), checked when built."""
 
-    def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InferenceError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InferenceError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InferenceError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InferenceError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InferenceError(f"--repetition-penalty must be positive, got {self.repetition_penalty}")
+    max_new_tokens: int = setting(256, "most tokens per answer", section="generation", range="[1, inf)")
+    temperature: float = setting(0.0, "sampling temperature; 0 = greedy (deterministic)", section="generation",
+                                 range="[0, inf)")
+    top_p: float = setting(1.0, "nucleus sampling mass (1 = off)", section="generation", range="(0, 1]")
+    top_k: int = setting(0, "sample among the k likeliest tokens (0 = off)", section="generation", range="[0, inf)")
+    repetition_penalty: float = setting(1.0, "penalise tokens already in the text (1 = off)", section="generation",
+                                        range="(0, inf)")
+    seed: Optional[int] = setting(None, "sampling seed", section="generation", range="[0, 4294967296)")
+
+    def __post_init__(self):
+        check(self)
 
 
 @dataclass
@@ -338,7 +337,7 @@ def load_session(adapter_dir, *, base: Optional[str] = None, device=None, dtype=
 
         dequantize_nf4_layers(model)
     try:
-        load_adapter(model, info.directory, dtype=torch.float32)
+        load_adapter(model, info.directory, dtype=torch.float32, config=info.adapter_config)
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise InferenceError(f"adapter does not fit the base {info.base_model}: {err}") from None
     model.eval()

@@ -7,11 +7,12 @@ Where the fused kernels run (`kernels.uses_triton(op, device)`: CUDA with triton
 the norms, RoPE and the MLP activations go through them (kernels/fused.py: autograd Functions
 that save only what backward needs; frozen norm weights get no gradient). Everywhere else,
 and whenever a norm's weight trains, the plain PyTorch code below runs unchanged, so CPU
-results match transformers bit for bit. `kernels.set_default_backend("torch", op=...)` forces
+results match transformers bit for bit. `phicore.force_paths(kernels={op: "torch"})` forces
 the plain path for one op (to measure each kernel on its own).
 
 Packed rows (per-token `document_ids`) get their mask from phicore.attention: a flex_attention
-BlockMask on CUDA, the dense bool mask for SDPA elsewhere; `set_packed_attention` forces either.
+BlockMask on CUDA, the dense bool mask for SDPA elsewhere; `phicore.force_paths(packed_attention=...)`
+forces either.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from . import kernels
 
-from .attention import BlockMask, flex_attention, packed_mask, set_packed_attention, uses_flex  # noqa: F401 (re-exported)
+from .attention import BlockMask, flex_attention, packed_mask, uses_flex
 from .config import ModelConfig
 
 

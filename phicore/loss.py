@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # "no loss here": F.cross_entropy's default, the value phicore.data.collate writes
+IGNORE_INDEX = -100  # "no loss here": F.cross_entropy's default, the label value phicore.data writes
 
 # Default chunk: as many tokens as make 2^25 logits (128 MiB in fp32): 655 tokens at Phi-2's
 # vocabulary of 51200, 1046 at Phi-3's 32064. Each chunk's GEMM is still ~100 GFLOP.
@@ -180,24 +180,3 @@ def next_token_loss_sum(
         return fused_linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, ignore_index, chunk_size)
     logits = head(hidden).float()  # (n, V)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
-
-
-def causal_lm_loss_sum(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: Optional[torch.Tensor] = None,
-    position_ids: Optional[torch.Tensor] = None,
-    labels: Optional[torch.Tensor] = None,
-    document_ids: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Summed next-token cross-entropy of a PhiForCausalLM over the target tokens (fp32 scalar),
-    the value and gradients of phicore.train.loop.token_loss_sum without the full logits.
-
-    labels (B, T): unshifted, IGNORE_INDEX where no loss is taken (default: input_ids).
-    Runs through `model(..., labels=...)`, so a DDP wrapper or an FSDP2-sharded model works
-    as given (their hooks run around forward; the head's weight is gathered there).
-    document_ids (B, T): packed rows (phicore.data.collate_packed), passed on only when given.
-    """
-    labels = input_ids if labels is None else labels
-    packed = {} if document_ids is None else {"document_ids": document_ids}
-    return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels, **packed)

@@ -17,7 +17,6 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .layers import Attention, KVCache, RotaryEmbedding, build_attention_mask, make_mlp, make_norm
 from .loss import next_token_loss_sum
-from .offload import ActivationOffloader
 
 
 class DecoderLayer(nn.Module):
@@ -123,7 +122,12 @@ class PhiForCausalLM(nn.Module):
         mask = build_attention_mask(attention_mask, T, past_len, self.config.sliding_window, h.device,
                                     document_ids, dropout)  # one mask (bool, BlockMask or None) for every layer
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        offloader = ActivationOffloader(h.device) if checkpointing and self.checkpoint_offload else None
+        offloader = None
+        if checkpointing and self.checkpoint_offload:
+            # Imported here, where it is used: phicore.offload imports torch._dynamo (through its
+            # torch.compiler.disable), about a second of start-up that only this mode needs.
+            from .offload import ActivationOffloader
+            offloader = ActivationOffloader(h.device)
         for layer in self.model.layers:
             if offloader is not None:
                 h = offloader.checkpoint(layer, h, cos, sin, mask, cache)

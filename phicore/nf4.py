@@ -1,4 +1,6 @@
-"""NF4 4-bit weights exactly as bitsandbytes stores them, and a frozen 4-bit linear for QLoRA.
+"""NF4 4-bit weights exactly as bitsandbytes stores them: quantise, serialise, multiply.
+
+The layer holding such a weight is phicore.frozen_linear.NF4Linear (QLoRA's frozen base).
 
 Format (docs reference §4; bitsandbytes `quantize_4bit(quant_type="nf4")`):
 
@@ -35,28 +37,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
 from .kernels import dequantize_nf4
 
 __all__ = [
     "NF4_CODE",
-    "NF4Linear",
     "NF4MatMul",
     "NF4State",
+    "bnb_entries",
+    "bnb_layout",
     "create_dynamic_map",
     "dynamic_code",
-    "is_bnb_4bit_linear",
-    "load_bnb_linear_state",
     "nf4_code",
-    "nf4_state_dict",
-    "quantize_model_linears",
     "quantize_nf4",
+    "read_quant_state",
+    "state_from_bnb_entries",
 ]
 
 # bitsandbytes get_4bit_type("nf4"): quantiles of N(0, 1), normalised to [-1, 1].
@@ -73,7 +72,7 @@ NESTED_BLOCKSIZE = 256  # bnb always double-quantises absmax in blocks of 256
 # step); past a few rows the dense matmul reuses each dequantised weight over enough rows to win.
 GEMV_MAX_TOKENS = 8
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
-_STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # names after "P.weight."
+_STATE_ENTRIES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # tensors after "P.weight."
 
 
 def nf4_code(device=None) -> torch.Tensor:
@@ -199,11 +198,9 @@ def quantize_nf4(
     return packed, state
 
 
-# --------------------------------------------------------------------------- bnb state dicts
-
-
-def _key(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+# --------------------------------------------------------------------------- bnb serialisation
+# One NF4 weight serialises as bitsandbytes' entries, named after "P.weight." in a state dict.
+# Only phicore.frozen_linear.FrozenLinear puts them under module keys (its state-dict methods).
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -233,65 +230,52 @@ def read_quant_state(tensor: torch.Tensor, key: str) -> dict:
     return meta
 
 
-def _state_extras(state: NF4State) -> dict[str, torch.Tensor]:
-    """Entries after `P.weight.`, in bnb's order."""
-    extras = {"absmax": state.absmax, "quant_map": state.code}
+def bnb_layout(quant_state: torch.Tensor, key: str) -> tuple[int, bool]:
+    """(blocksize, double_quant) of a serialised quant state: how a bnb 4-bit checkpoint was written."""
+    meta = read_quant_state(quant_state, key)
+    return int(meta["blocksize"]), "nested_offset" in meta
+
+
+def bnb_entries(state: NF4State) -> dict[str, torch.Tensor]:
+    """The entries bitsandbytes writes after `P.weight.` for one NF4 weight, in its order."""
+    entries = {"absmax": state.absmax, "quant_map": state.code}
     if state.double_quant:
-        extras["nested_absmax"] = state.nested_absmax
-        extras["nested_quant_map"] = state.nested_code
-    extras[QUANT_STATE_KEY] = _quant_state_tensor(state)
-    return extras
+        entries["nested_absmax"] = state.nested_absmax
+        entries["nested_quant_map"] = state.nested_code
+    entries[QUANT_STATE_KEY] = _quant_state_tensor(state)
+    return entries
 
 
-def nf4_state_dict(
-    packed: torch.Tensor, state: NF4State, bias: Optional[torch.Tensor] = None, prefix: str = ""
-) -> dict[str, torch.Tensor]:
-    """The state-dict entries bitsandbytes' Linear4bit writes for one NF4 linear named `prefix`."""
-    out = {_key(prefix, "weight"): packed}
-    if bias is not None:
-        out[_key(prefix, "bias")] = bias
-    for name, value in _state_extras(state).items():
-        out[_key(prefix, "weight." + name)] = value
-    return out
+def state_from_bnb_entries(entries: dict, where: str = "") -> NF4State:
+    """The inverse of `bnb_entries`: an NF4State from the entries (names after `P.weight.`).
 
-
-def is_bnb_4bit_linear(prefix: str, state_dict) -> bool:
-    """Whether `state_dict` holds a bitsandbytes 4-bit linear (NF4 or FP4) at `prefix`."""
-    return any(_key(prefix, f"weight.quant_state.bitsandbytes__{t}") in state_dict for t in ("nf4", "fp4"))
-
-
-def load_bnb_linear_state(
-    prefix: str, state_dict, device=None
-) -> tuple[torch.Tensor, NF4State, Optional[torch.Tensor]]:
-    """(packed, NF4State, bias or None) for the bnb 4-bit linear at `prefix` (module name, no trailing dot)."""
-    qs_key = _key(prefix, "weight." + QUANT_STATE_KEY)
-    if qs_key not in state_dict:
-        if _key(prefix, "weight.quant_state.bitsandbytes__fp4") in state_dict:
-            raise NotImplementedError(f"{prefix}: FP4 bitsandbytes weights are not supported, only NF4")
-        raise KeyError(f"{qs_key} not found: {prefix!r} is not a bitsandbytes NF4 linear")
-    meta = read_quant_state(state_dict[qs_key], qs_key)
-
-    def get(name: str) -> torch.Tensor:
-        key = _key(prefix, name)
-        if key not in state_dict:
-            raise KeyError(f"{key} missing from the bitsandbytes NF4 state dict")
-        return state_dict[key].to(device) if device is not None else state_dict[key]
-
+    Raises ValueError for a quant state that is not NF4, KeyError(*names) for absent entries.
+    `where` prefixes the names in messages (e.g. "model.layers.0.mlp.fc1.weight.").
+    """
+    if QUANT_STATE_KEY not in entries:
+        if "quant_state.bitsandbytes__fp4" in entries:
+            raise ValueError(f"{where}quant_state.bitsandbytes__fp4: FP4 bitsandbytes weights are not supported, "
+                             "only NF4")
+        raise KeyError(QUANT_STATE_KEY)
+    meta = read_quant_state(entries[QUANT_STATE_KEY], where + QUANT_STATE_KEY)
+    nested = "nested_offset" in meta
+    names = _STATE_ENTRIES if nested else _STATE_ENTRIES[:2]
+    absent = [name for name in names if name not in entries]
+    if absent:
+        raise KeyError(*absent)
     state = NF4State(
-        absmax=get("weight.absmax"),
+        absmax=entries["absmax"].detach(),
         shape=torch.Size(meta["shape"]),
         dtype=getattr(torch, meta["dtype"]),
         blocksize=int(meta["blocksize"]),
-        code=get("weight.quant_map"),
+        code=entries["quant_map"].detach(),
     )
-    if "nested_offset" in meta:
-        state.nested_absmax = get("weight.nested_absmax")
-        state.nested_code = get("weight.nested_quant_map")
+    if nested:
+        state.nested_absmax = entries["nested_absmax"].detach()
+        state.nested_code = entries["nested_quant_map"].detach()
         state.offset = float(meta["nested_offset"])
         state.nested_blocksize = int(meta["nested_blocksize"])
-    bias_key = _key(prefix, "bias")
-    bias = get("bias") if bias_key in state_dict else None
-    return get("weight"), state, bias
+    return state
 
 
 # --------------------------------------------------------------------------- autograd
@@ -330,255 +314,3 @@ class NF4MatMul(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, None, None, grad_bias
-
-
-# --------------------------------------------------------------------------- module
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear layer whose weight is NF4, stored and serialised like bnb's Linear4bit(nf4).
-
-    weight: packed uint8 [(out*in+1)//2, 1] Parameter (requires_grad=False); bias: dense, frozen.
-    Quant state lives in non-persistent buffers (absmax, quant_map, nested_absmax, nested_quant_map;
-    they follow .to(device) but keep their dtypes) and plain attributes (blocksize, quant_dtype,
-    offset); state_dict() writes bitsandbytes' keys and load_state_dict() reads them.
-
-    The constructor allocates uninitialised storage (meta-device friendly): fill it with
-    load_state_dict(..., assign=True), or build with from_linear().
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        blocksize: int = 64,
-        double_quant: bool = True,
-        compute_dtype: torch.dtype = torch.float32,
-        device=None,
-    ):
-        super().__init__()
-        if blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.blocksize = blocksize
-        self.compute_dtype = compute_dtype
-        self.quant_dtype = compute_dtype  # the dense weight's dtype before quantisation (bnb "dtype")
-        self.offset = 0.0 if double_quant else None
-        self.nested_blocksize = NESTED_BLOCKSIZE
-        n = in_features * out_features
-        n_blocks = -(-n // blocksize)
-        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device)
-        self.weight = nn.Parameter(packed, requires_grad=False)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-        absmax_dtype = torch.uint8 if double_quant else torch.float32
-        self.register_buffer("absmax", torch.empty(n_blocks, dtype=absmax_dtype, device=device), persistent=False)
-        self.register_buffer("quant_map", nf4_code(device), persistent=False)
-        n_nested = -(-n_blocks // NESTED_BLOCKSIZE)
-        nested_absmax = torch.empty(n_nested, dtype=torch.float32, device=device) if double_quant else None
-        self.register_buffer("nested_absmax", nested_absmax, persistent=False)
-        self.register_buffer("nested_quant_map", dynamic_code(device) if double_quant else None, persistent=False)
-
-    @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        blocksize: int = 64,
-        double_quant: bool = True,
-        compute_dtype: Optional[torch.dtype] = None,
-    ) -> "NF4Linear":
-        """Quantise `linear` on its device. Its dense weight is released (linear.weight becomes None).
-
-        A meta-device `linear` gives an empty meta-device NF4Linear, to be filled by load_state_dict.
-        """
-        weight = linear.weight
-        compute_dtype = weight.dtype if compute_dtype is None else compute_dtype
-        module = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            compute_dtype=compute_dtype,
-            device="meta",
-        )
-        if weight.is_meta:
-            linear.weight = None
-            return module
-        packed, state = quantize_nf4(weight.detach(), blocksize, double_quant)
-        bias = None if linear.bias is None else linear.bias.detach().to(compute_dtype)
-        module.set_quantized(packed, state, bias)
-        linear.weight = None
-        return module
-
-    @property
-    def double_quant(self) -> bool:
-        return self.nested_absmax is not None
-
-    @property
-    def quant_state(self) -> NF4State:
-        return NF4State(
-            absmax=self.absmax,
-            shape=torch.Size((self.out_features, self.in_features)),
-            dtype=self.quant_dtype,
-            blocksize=self.blocksize,
-            code=self.quant_map,
-            nested_absmax=self.nested_absmax,
-            nested_code=self.nested_quant_map,
-            offset=self.offset,
-            nested_blocksize=self.nested_blocksize,
-        )
-
-    def set_quantized(self, packed: torch.Tensor, state: NF4State, bias: Optional[torch.Tensor] = None) -> None:
-        """Take `packed`/`state` (and `bias`, when given) as this layer's frozen weight (no copy)."""
-        if tuple(state.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"NF4 state shape {tuple(state.shape)} != ({self.out_features}, {self.in_features})")
-        self.weight = nn.Parameter(packed, requires_grad=False)
-        self.absmax = state.absmax
-        self.quant_map = state.code
-        self.nested_absmax = state.nested_absmax
-        self.nested_quant_map = state.nested_code
-        self.offset = state.offset
-        self.blocksize = state.blocksize
-        self.nested_blocksize = state.nested_blocksize
-        self.quant_dtype = state.dtype
-        if bias is not None:
-            self.bias = nn.Parameter(bias, requires_grad=False)
-
-    def dequantize(self) -> torch.Tensor:
-        """The dense weight (out, in) in compute_dtype."""
-        return dequantize_nf4(self.weight, self.quant_state, self.compute_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) -> (..., out), computed in compute_dtype, returned in x's dtype
-        x_c = x.to(self.compute_dtype)
-        if self._use_gemv(x_c):
-            y = kernels.nf4_matvec(x_c, self.weight, self.quant_state, self.bias)  # no autograd node
-        else:
-            y = NF4MatMul.apply(x_c, self.weight, self.quant_state, self.bias)
-        return y.to(x.dtype)
-
-    def _use_gemv(self, x: torch.Tensor) -> bool:
-        """The 4-bit matrix-vector kernel: where its Triton kernel runs (CUDA by default; CPU keeps
-        the dense path bit for bit), for at most GEMV_MAX_TOKENS tokens, when no gradient can flow
-        (it records no autograd node, like NF4MatMul would not under no_grad)."""
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
-        )
-        return (
-            not needs_grad
-            and x.numel() <= GEMV_MAX_TOKENS * self.in_features
-            and kernels.uses_triton("nf4_gemv", x.device)
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
-        )
-
-    # -- bitsandbytes-compatible state dict
-
-    def _apply(self, fn, recurse=True):
-        # Quant-state buffers follow device moves but keep their dtypes: model.to(torch.bfloat16)
-        # must not round absmax or the code tables.
-        before = {name: self._buffers[name] for name in _STATE_BUFFERS if self._buffers[name] is not None}
-        super()._apply(fn, recurse)
-        for name, tensor in before.items():
-            moved = self._buffers[name]
-            if moved.dtype != tensor.dtype:
-                self._buffers[name] = tensor.to(moved.device)
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias
-        for name, value in _state_extras(self.quant_state).items():
-            destination[prefix + "weight." + name] = value if keep_vars else value.detach()
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        ours = {prefix + "weight." + name for name in (*_STATE_BUFFERS, QUANT_STATE_KEY)}
-        qs_key = prefix + "weight." + QUANT_STATE_KEY
-        if qs_key in state_dict:
-            self._load_quant_state(state_dict, prefix, local_metadata, missing_keys, error_msgs)
-        else:
-            missing_keys.append(qs_key)
-        rest = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k not in ours}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-    def _load_quant_state(self, state_dict, prefix, local_metadata, missing_keys, error_msgs):
-        qs_key = prefix + "weight." + QUANT_STATE_KEY
-        try:
-            meta = read_quant_state(state_dict[qs_key], qs_key)
-        except ValueError as e:
-            error_msgs.append(str(e))
-            return
-        if tuple(meta["shape"]) != (self.out_features, self.in_features):
-            error_msgs.append(
-                f"{qs_key}: shape {tuple(meta['shape'])} != ({self.out_features}, {self.in_features})"
-            )
-            return
-        nested = "nested_offset" in meta
-        names = _STATE_BUFFERS if nested else _STATE_BUFFERS[:2]
-        absent = [prefix + "weight." + name for name in names if prefix + "weight." + name not in state_dict]
-        if absent:
-            missing_keys.extend(absent)
-            return
-        self.blocksize = int(meta["blocksize"])
-        self.quant_dtype = getattr(torch, meta["dtype"])
-        self.offset = float(meta["nested_offset"]) if nested else None
-        self.nested_blocksize = int(meta["nested_blocksize"]) if nested else NESTED_BLOCKSIZE
-        assign = local_metadata.get("assign_to_params_buffers", False)
-        for name in _STATE_BUFFERS:
-            if name not in names:
-                self._buffers[name] = None
-                continue
-            value = state_dict[prefix + "weight." + name].detach()
-            current = self._buffers[name]
-            if assign or current is None or current.is_meta:
-                self._buffers[name] = value if assign else value.to(self.weight.device)
-            elif current.shape == value.shape and current.dtype == value.dtype:
-                with torch.no_grad():
-                    current.copy_(value)
-            else:  # another blocksize or double-quant setting than this layer was built with
-                self._buffers[name] = value.to(current.device)
-
-
-# --------------------------------------------------------------------------- models
-
-
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
-def quantize_model_linears(
-    model: nn.Module,
-    skip: Iterable[str] = ("lm_head",),
-    blocksize: int = 64,
-    double_quant: bool = True,
-    compute_dtype: Optional[torch.dtype] = None,
-) -> list[str]:
-    """Replace every plain nn.Linear in `model` by an NF4Linear, in place, one layer at a time
-    (quantised on the layer's device; each dense weight is released as soon as it is quantised).
-
-    `skip` names modules to keep dense: a full module name or its last component(s) ("lm_head").
-    Embeddings and norms are not nn.Linear and stay dense. Returns the names replaced.
-    """
-    skip = tuple(skip)
-    replaced, done = [], {}
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = _key(parent_name, child_name)
-            if type(child) is not nn.Linear or _skipped(name, skip):
-                continue
-            if id(child) not in done:  # the same Linear reachable twice becomes one NF4Linear
-                done[id(child)] = NF4Linear.from_linear(child, blocksize, double_quant, compute_dtype)
-                done[id(child)].train(child.training)
-            setattr(parent, child_name, done[id(child)])
-            replaced.append(name)
-    return replaced

@@ -10,6 +10,8 @@ and phicore's own tools reload it.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -79,12 +81,35 @@ def _byte_of(char: str) -> int:
 
 
 def build_tiny(name: str, directory, seed: int = 0) -> Path:
-    """Write the tiny preset `name` into `directory` (reused if already complete)."""
+    """Write the tiny preset `name` into `directory` (reused if already complete). The folder is
+    built under a temporary name and renamed into place, so it is complete or absent."""
     if name not in TINY_PRESETS:
         raise ValueError(f"unknown tiny preset {name!r} (known: {', '.join(TINY_PRESETS)})")
     directory = Path(directory)
     if (directory / "config.json").exists() and (directory / "model.safetensors").exists():
         return directory
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_tiny(name, tmp, seed)
+        shutil.rmtree(directory, ignore_errors=True)  # an incomplete folder of an older version
+        os.replace(tmp, directory)
+    except OSError:
+        if not (directory / "model.safetensors").exists():  # not another process finishing first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def tiny_dir(name: str) -> Path:
+    """Where `load_model("tiny-phi-2")` and friends build a tiny preset (seed 0) once:
+    $XDG_CACHE_HOME/phicore/tiny/NAME, else ~/.cache/phicore/tiny/NAME."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "phicore" / "tiny" / name
+
+
+def _write_tiny(name: str, directory: Path, seed: int) -> None:
     spec = dict(TINY_PRESETS[name])
     spec.pop("default_lr")
     tokenizer = byte_level_tokenizer(
@@ -103,7 +128,6 @@ def build_tiny(name: str, directory, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(directory)
     save_model(model, directory)
-    return directory
 
 
 @torch.no_grad()

@@ -2,8 +2,10 @@
 
 The heavy lifting (BPE merges, byte fallback, added-token splitting, decoding) is done by the
 `tokenizers` library from the folder's ``tokenizer.json``. This module adds what a model folder
-spreads over the other files: which strings are bos/eos/unk/pad, extra added tokens, the Jinja
-chat template, and the ids generation has to stop on.
+spreads over the other files: which strings are bos/eos/unk/pad, extra added tokens, the chat
+template, and the ids generation has to stop on. `Tokenizer` holds them; `load_tokenizer` builds
+one from a folder, whose files are read and written by `phicore.tokenizer_files`; chat templates
+are rendered by `phicore.chat_template`.
 
 The goal is to give exactly the ids and text that ``transformers.AutoTokenizer`` gives for the
 same folder, without depending on transformers. The transformers (v5) behaviours that matter:
@@ -18,61 +20,38 @@ same folder, without depending on transformers. The transformers (v5) behaviours
 * ``decode`` is the backend's decode. ``clean_up_tokenization_spaces`` (true for Phi-2) is ignored
   for BPE models, because the cleanup is designed for WordPiece and corrupts BPE output.
 * Special tokens named in the config but missing from the vocabulary are added as special tokens.
-* Chat templates render in a sandboxed Jinja environment with ``trim_blocks``/``lstrip_blocks``,
-  ``raise_exception``, a JSON ``tojson`` filter, and the named special tokens as variables; the
-  tokenized form is ``encode(text, add_special_tokens=False)``.
+* Chat templates render in transformers' sandboxed Jinja environment (`phicore.chat_template`)
+  with the named special tokens as variables; the tokenized form is
+  ``encode(text, add_special_tokens=False)``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-ADDED_TOKENS_FILE = "added_tokens.json"
-CHAT_TEMPLATE_JINJA_FILE = "chat_template.jinja"
-CHAT_TEMPLATE_JSON_FILE = "chat_template.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
-SENTENCEPIECE_MODEL_FILE = "tokenizer.model"
-
-#: The named special-token slots transformers knows about, in its order.
-STANDARD_NAMED_TOKENS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
+from .chat_template import render_chat_template
+from .tokenizer_files import (
+    STANDARD_NAMED_TOKENS,
+    TOKENIZER_FILE,  # noqa: F401 (phicore.inference and users import it from here)
+    config_extras,
+    read_additional_special_tokens,
+    read_backend,
+    read_chat_template,
+    read_config_added_tokens,
+    read_generation_eos_ids,
+    read_named_tokens,
+    read_tokenizer_config,
+    token_content,
+    write_tokenizer_files,
 )
 
 #: Tokens that end a turn in Phi chat formats; generation stops on them whenever they exist.
 TURN_END_TOKENS = ("<|end|>", "<|endoftext|>")
-
-#: Class name written into saved configs: transformers 4 and 5 both load it as a plain
-#: tokenizer.json-backed tokenizer, without rebuilding the pipeline the way LlamaTokenizer does.
-SAVED_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
-
-# tokenizer_config.json keys this class manages itself; every other key is kept verbatim.
-_MANAGED_CONFIG_KEYS = frozenset(
-    {
-        "added_tokens_decoder",
-        "additional_special_tokens",
-        "extra_special_tokens",
-        "chat_template",
-        "clean_up_tokenization_spaces",
-        "tokenizer_class",
-    }
-)
 
 
 class Tokenizer:
@@ -366,60 +345,15 @@ class Tokenizer:
         Both :func:`load_tokenizer` and ``transformers.AutoTokenizer.from_pretrained`` load the
         result and give the same ids. Returns the paths written.
         """
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        tokenizer_path = folder / TOKENIZER_FILE
-        self._backend.save(str(tokenizer_path))
-        config_path = _write_json(folder / TOKENIZER_CONFIG_FILE, self._tokenizer_config())
-        map_path = _write_json(folder / SPECIAL_TOKENS_MAP_FILE, self._special_tokens_map_file())
-        self._replace_stale_chat_template_file(folder)
-        return [tokenizer_path, config_path, map_path]
-
-    def _tokenizer_config(self) -> dict[str, Any]:
-        """tokenizer_config.json contents: the kept extras plus everything this class manages."""
-        added = self._backend.get_added_tokens_decoder()
-        config: dict[str, Any] = dict(self.config_extras)
-        config["added_tokens_decoder"] = {
-            str(token_id): _added_token_fields(token, with_special=True)
-            for token_id, token in sorted(added.items())
-        }
-        config.update(self._named_tokens)
-        if self.additional_special_tokens:
-            config["additional_special_tokens"] = list(self.additional_special_tokens)
-        config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
-        if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
-        config["tokenizer_class"] = SAVED_TOKENIZER_CLASS
-        return config
-
-    def _special_tokens_map_file(self) -> dict[str, Any]:
-        """special_tokens_map.json contents, in the ``{"content": ...}`` form Phi-3 ships."""
-        added_by_content = {t.content: t for t in self._backend.get_added_tokens_decoder().values()}
-        token_map: dict[str, Any] = {}
-        for name, content in self._named_tokens.items():
-            token = added_by_content.get(content)
-            token_map[name] = content if token is None else _added_token_fields(token, with_special=False)
-        if self.additional_special_tokens:
-            token_map["additional_special_tokens"] = list(self.additional_special_tokens)
-        return token_map
-
-    def _replace_stale_chat_template_file(self, folder: Path) -> None:
-        """Chat template files left in the folder win over the config: keep them in step.
-
-        A stale chat_template.jinja is rewritten (or removed when there is no template); a
-        chat_template.json (a processor file that may hold more) has only its template replaced.
-        """
-        jinja_file = folder / CHAT_TEMPLATE_JINJA_FILE
-        if jinja_file.exists():
-            if self.chat_template is None:
-                jinja_file.unlink()
-            else:
-                jinja_file.write_text(self.chat_template, encoding="utf-8")
-        json_file = folder / CHAT_TEMPLATE_JSON_FILE
-        json_content = _read_json(json_file)
-        if json_content is not None and "chat_template" in json_content:
-            json_content["chat_template"] = self.chat_template
-            _write_json(json_file, json_content)
+        return write_tokenizer_files(
+            Path(directory),
+            self._backend,
+            named_tokens=self._named_tokens,
+            additional_special_tokens=self.additional_special_tokens,
+            chat_template=self.chat_template,
+            clean_up_tokenization_spaces=self.clean_up_tokenization_spaces,
+            config_extras=self.config_extras,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -439,12 +373,12 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     tokenizer.json (a SentencePiece-only ``tokenizer.model`` is not supported).
     """
     folder = _resolve_model_folder(name_or_path)
-    backend = _read_backend(folder)
-    config = _read_json(folder / TOKENIZER_CONFIG_FILE) or {}
-    named_tokens = _read_named_tokens(folder, config)
-    additional_special_tokens = _read_additional_special_tokens(config)
+    backend = read_backend(folder)
+    config = read_tokenizer_config(folder)
+    named_tokens = read_named_tokens(folder, config)
+    additional_special_tokens = read_additional_special_tokens(config)
     special_contents = set(named_tokens.values()) | set(additional_special_tokens)
-    _add_missing_tokens(backend, _read_config_added_tokens(folder, config, special_contents))
+    _add_missing_tokens(backend, read_config_added_tokens(folder, config, special_contents))
     return Tokenizer(
         backend,
         bos_token=named_tokens.pop("bos_token", None),
@@ -453,10 +387,10 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
         pad_token=named_tokens.pop("pad_token", None),
         other_named_tokens=named_tokens,
         additional_special_tokens=additional_special_tokens,
-        chat_template=_read_chat_template(folder, config),
+        chat_template=read_chat_template(folder, config),
         clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
-        extra_stop_token_ids=_read_generation_eos_ids(folder),
-        config_extras=_config_extras(config),
+        extra_stop_token_ids=read_generation_eos_ids(folder),
+        config_extras=config_extras(config),
         name_or_path=str(folder),
     )
 
@@ -468,194 +402,11 @@ def _resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
     return Path(resolve_model_dir(name_or_path))
 
 
-def _read_backend(folder: Path) -> BackendTokenizer:
-    """Load tokenizer.json, or explain precisely why the folder cannot be used."""
-    tokenizer_path = folder / TOKENIZER_FILE
-    if tokenizer_path.is_file():
-        return BackendTokenizer.from_file(str(tokenizer_path))
-    if (folder / SENTENCEPIECE_MODEL_FILE).is_file():
-        raise FileNotFoundError(
-            f"{folder} has {SENTENCEPIECE_MODEL_FILE} but no {TOKENIZER_FILE}: the "
-            "SentencePiece-only form is not supported. Convert it once with transformers "
-            "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder)) to get a tokenizer.json."
-        )
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise FileNotFoundError(
-        f"{folder} has no {TOKENIZER_FILE}, which phicore needs to build the tokenizer "
-        f"(files present: {', '.join(present) or 'none'})"
-    )
-
-
-def _read_named_tokens(folder: Path, config: Mapping[str, Any]) -> dict[str, str]:
-    """bos/eos/unk/pad/... strings; special_tokens_map.json counts only for legacy configs.
-
-    transformers reads special_tokens_map.json (and lets it override the config) only when the
-    config has no ``added_tokens_decoder``; we follow the same precedence.
-    """
-    values = {key: value for key, value in config.items() if _is_named_token_entry(key, value)}
-    if "added_tokens_decoder" not in config:
-        token_map = _read_json(folder / SPECIAL_TOKENS_MAP_FILE) or {}
-        values.update({key: value for key, value in token_map.items() if _is_named_token_entry(key, value)})
-    named = {key: _token_content(value) for key, value in values.items()}
-    return {key: value for key, value in named.items() if value is not None}
-
-
-def _is_named_token_entry(key: str, value: Any) -> bool:
-    """``bos_token: "<s>"``-style entries; model-specific ``*_token`` keys count when strings."""
-    if key in STANDARD_NAMED_TOKENS:
-        return value is None or isinstance(value, (str, dict))
-    return key.endswith("_token") and isinstance(value, str)
-
-
-def _read_additional_special_tokens(config: Mapping[str, Any]) -> list[str]:
-    """Unnamed special tokens from ``additional_special_tokens`` / ``extra_special_tokens``."""
-    tokens: list[str] = []
-    for key in ("additional_special_tokens", "extra_special_tokens"):
-        value = config.get(key) or []
-        entries = value.values() if isinstance(value, dict) else value
-        tokens.extend(t for t in (_token_content(entry) for entry in entries) if t is not None)
-    return list(dict.fromkeys(tokens))
-
-
-def _read_config_added_tokens(folder: Path, config: Mapping[str, Any], special: set[str]) -> list[AddedToken]:
-    """Added tokens declared by tokenizer_config.json or, for legacy folders, added_tokens.json."""
-    declared = config.get("added_tokens_decoder")
-    if isinstance(declared, dict):
-        ordered = sorted(declared.items(), key=lambda item: int(item[0]))
-        return [_added_token_from_fields(fields) for _, fields in ordered]
-    legacy = _read_json(folder / ADDED_TOKENS_FILE) or {}
-    ordered_contents = sorted(legacy, key=lambda content: legacy[content])
-    return [
-        AddedToken(content, normalized=content not in special, special=content in special)
-        for content in ordered_contents
-    ]
-
-
 def _add_missing_tokens(backend: BackendTokenizer, tokens: Sequence[AddedToken]) -> None:
     """Add declared tokens whose text the backend vocabulary does not have yet."""
     missing = [token for token in tokens if backend.token_to_id(token.content) is None]
     if missing:
         backend.add_tokens(missing)
-
-
-def _read_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
-    """The default chat template: chat_template.jinja, then chat_template.json, then the config."""
-    jinja_file = folder / CHAT_TEMPLATE_JINJA_FILE
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    json_file = _read_json(folder / CHAT_TEMPLATE_JSON_FILE)
-    if json_file and json_file.get("chat_template") is not None:
-        return _default_template(json_file["chat_template"])
-    return _default_template(config.get("chat_template"))
-
-
-def _default_template(value: Any) -> str | None:
-    """A template string, or the ``default`` one from a list/dict of named templates."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        value = {entry["name"]: entry["template"] for entry in value}
-    if isinstance(value, dict):
-        return value.get("default")
-    raise ValueError(f"unrecognised chat_template value of type {type(value).__name__}")
-
-
-def _read_generation_eos_ids(folder: Path) -> list[int]:
-    """generation_config.json's eos_token_id (an int or a list), if the folder has one."""
-    generation_config = _read_json(folder / GENERATION_CONFIG_FILE) or {}
-    eos = generation_config.get("eos_token_id")
-    if eos is None:
-        return []
-    return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
-
-
-def _config_extras(config: Mapping[str, Any]) -> dict[str, Any]:
-    """tokenizer_config.json keys kept verbatim for save(): all but the managed ones."""
-    return {
-        key: value
-        for key, value in config.items()
-        if key not in _MANAGED_CONFIG_KEYS and not _is_named_token_entry(key, value)
-    }
-
-
-# ========================================================================== chat templating
-
-
-def render_chat_template(
-    template: str,
-    messages: Sequence[Mapping[str, Any]],
-    add_generation_prompt: bool = False,
-    tools: Sequence[Mapping[str, Any]] | None = None,
-    documents: Sequence[Mapping[str, Any]] | None = None,
-    **variables: Any,
-) -> str:
-    """Render a Jinja chat template the way transformers does.
-
-    Message keys whose value is None are dropped (templates handle a missing key, not a None).
-    """
-    conversation = [{key: value for key, value in dict(m).items() if value is not None} for m in messages]
-    return _compile_chat_template(template).render(
-        messages=conversation,
-        tools=tools,
-        documents=documents,
-        add_generation_prompt=add_generation_prompt,
-        **variables,
-    )
-
-
-@lru_cache(maxsize=16)
-def _compile_chat_template(template: str):
-    """Compile once per template string in transformers' sandboxed environment."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True,
-        lstrip_blocks=True,
-        extensions=[_generation_tag_extension(), loopcontrols],
-    )
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters; chat templates want plain JSON.
-        return json.dumps(
-            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    def strftime_now(format_string):
-        return datetime.now().strftime(format_string)
-
-    environment.filters["tojson"] = tojson
-    environment.globals["raise_exception"] = raise_exception
-    environment.globals["strftime_now"] = strftime_now
-    return environment.from_string(template)
-
-
-@lru_cache(maxsize=1)
-def _generation_tag_extension():
-    """Jinja extension accepting ``{% generation %}...{% endgeneration %}`` (renders the body).
-
-    transformers uses the tag to find assistant tokens; we only need templates that use it to
-    compile and render the same text.
-    """
-    import jinja2
-    from jinja2.ext import Extension
-
-    class GenerationTag(Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
-
-        def _render_body(self, caller):
-            return caller()
-
-    return GenerationTag
 
 
 # ====================================================================================== helpers
@@ -691,45 +442,10 @@ def _collect_named_tokens(
         if key in given:
             raise ValueError(f"{key} is passed twice")
         given[key] = value
-    contents = {key: _token_content(value) for key, value in given.items()}
+    contents = {key: token_content(value) for key, value in given.items()}
     ordered = [key for key in STANDARD_NAMED_TOKENS if key in contents]
     ordered += [key for key in contents if key not in STANDARD_NAMED_TOKENS]
     return {key: contents[key] for key in ordered if contents[key] is not None}
-
-
-def _token_content(value: Any) -> str | None:
-    """A token given as a string or as a ``{"content": ...}`` dict (or an AddedToken)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return value.get("content")
-    if isinstance(value, AddedToken):
-        return value.content
-    raise TypeError(f"cannot read a token from {value!r}")
-
-
-def _added_token_from_fields(fields: Mapping[str, Any]) -> AddedToken:
-    return AddedToken(
-        fields["content"],
-        single_word=bool(fields.get("single_word", False)),
-        lstrip=bool(fields.get("lstrip", False)),
-        rstrip=bool(fields.get("rstrip", False)),
-        normalized=bool(fields.get("normalized", not fields.get("special", False))),
-        special=bool(fields.get("special", False)),
-    )
-
-
-def _added_token_fields(token: AddedToken, with_special: bool) -> dict[str, Any]:
-    fields = {
-        "content": token.content,
-        "lstrip": token.lstrip,
-        "normalized": token.normalized,
-        "rstrip": token.rstrip,
-        "single_word": token.single_word,
-    }
-    if with_special:
-        fields["special"] = token.special
-    return fields
 
 
 def _as_id_list(ids: int | Iterable[int]) -> list[int]:
@@ -740,16 +456,3 @@ def _as_id_list(ids: int | Iterable[int]) -> list[int]:
         return [ids]
     return [int(i) for i in ids]
 
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def _write_json(path: Path, content: Mapping[str, Any]) -> Path:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-    return path

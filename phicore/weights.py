@@ -1,10 +1,13 @@
 """Checkpoint I/O: read Hugging Face safetensors folders into a model, write them back.
 
-Loading builds the model on the meta device (no memory, no random init), checks every key
-and shape against the checkpoint headers before reading any data, then reads the tensors one
-at a time, casting each to the target dtype and device as it is read and assigning it in
-place. Peak memory is the model plus one tensor. Only safetensors are read: pickle files
-(`.bin`, `.pt`) can run arbitrary code when loaded.
+Loading builds the model on the meta device in the target dtype (no memory, no random init),
+checks every key and shape against the checkpoint headers before reading any data, then reads
+the tensors one owning module at a time, casting each to its slot's dtype and moving it to the
+device as it is read, and hands them to that module's `load_state_dict(..., assign=True)`.
+What a module does with them is its own business: an NF4 layer quantises a dense weight or takes
+bitsandbytes' 4-bit entries as they are (phicore.frozen_linear). Peak memory is the model plus
+one tensor. Only safetensors are read: pickle files (`.bin`, `.pt`) can run arbitrary code when
+loaded.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .frozen_linear import FrozenLinear, quantize_model_linears
 from .hub import hub_id_for, resolve_model_dir
 from .model import PhiForCausalLM
-from .nf4 import NF4Linear, load_bnb_linear_state, quantize_model_linears, quantize_nf4, read_quant_state
+from .nf4 import QUANT_STATE_KEY, bnb_layout
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-NF4_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
+NF4_STATE_SUFFIX = "." + QUANT_STATE_KEY  # P.weight.quant_state.bitsandbytes__nf4
 DENSE_MODULES = ("lm_head",)  # kept dense under quantisation, as bitsandbytes does
 
 
@@ -52,14 +56,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32,
+           "bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}
+DTYPE_NAMES = tuple(_DTYPES)  # what --dtype / --compute-dtype accept
+
+
 def parse_dtype(dtype) -> Optional[torch.dtype]:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r} (use one of {sorted(names)})")
-    return names[dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPE_NAMES)})")
+    return _DTYPES[dtype]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -122,58 +129,53 @@ def check_keys(model: nn.Module, shapes: dict, skip: Iterable[str] = ()) -> None
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
 
 
-def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Replace the parameter or buffer `name` (dotted path) by `tensor`, keeping its kind."""
-    module_path, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_path)
-    if leaf in module._parameters:
-        old = module._parameters[leaf]
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
-    else:
-        module._buffers[leaf] = tensor
+def _owner(key: str, modules: set) -> str:
+    """The deepest module path that is a prefix of `key` (`m.layers.0.mlp.fc1.weight.absmax` ->
+    `m.layers.0.mlp.fc1`); "" for the root."""
+    path = key
+    while path:
+        path = path.rpartition(".")[0]
+        if path in modules:
+            return path
+    return ""
 
 
-def stream_weights(model: nn.Module, shapes: dict, dtype: torch.dtype, device, skip: Iterable[str] = (),
-                   blocksize: int = 64, double_quant: bool = True) -> None:
-    """Read each tensor once, cast it as it is read, and assign it into the model.
+def stream_weights(model: nn.Module, shapes: dict, device, skip: Iterable[str] = ()) -> None:
+    """Read the checkpoint one owning module at a time and hand each group of tensors to its module.
 
-    A dense weight arriving for an NF4Linear is quantised on the device right away and its
-    dense copy dropped, so peak memory stays near the packed model plus one dense tensor
-    (measured by bench/nf4_load_memory.py).
-    Pre-quantised (bitsandbytes) layers are read as a group: packed bytes plus quant state.
+    Each floating tensor is cast, as it is read, to the dtype of the model's slot for it when that
+    slot is floating too (so build the model in the target dtype; an NF4 layer's quant-state
+    slots keep their own dtypes, and a dense weight arriving for a packed uint8 slot goes through
+    as it is, for the layer to quantise), then moved to `device`; the group is loaded with
+    `owner.load_state_dict(group, strict=False, assign=True)`. Keys are checked beforehand by
+    `check_keys`. Only one module's tensors are in flight at a time.
     """
     skip = set(skip)
-    prequantized = set(prequantized_layers(shapes))
+    slot_dtypes = {key: t.dtype for key, t in model.state_dict(keep_vars=True).items()}
+    modules = {path for path, _ in model.named_modules()}
+    groups = {}
     for key in shapes:
-        if key in skip or key.rpartition(".weight")[0] in prequantized or key.rpartition(".")[0] in prequantized:
-            continue
-        tensor = _read_tensor(shapes, key)
-        target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-        tensor = tensor.to(device=device, dtype=target_dtype)
-        module_path, _, leaf = key.rpartition(".")
-        module = model.get_submodule(module_path)
-        if isinstance(module, NF4Linear) and leaf == "weight":
-            module.set_quantized(*quantize_nf4(tensor, blocksize, double_quant))
-        else:
-            assign_tensor(model, key, tensor)
-        del tensor
-    for prefix in prequantized:
-        group = {k: _read_tensor(shapes, k) for k in shapes if k.startswith(prefix + ".")}
-        packed, state, bias = load_bnb_linear_state(prefix, group, device=device)
-        model.get_submodule(prefix).set_quantized(packed, state, None if bias is None else bias.to(dtype))
+        if key not in skip:
+            groups.setdefault(_owner(key, modules), []).append(key)
+    for owner, keys in groups.items():
+        cut = len(owner) + 1 if owner else 0
+        group = {}
+        for key in keys:
+            tensor = _read_tensor(shapes, key)
+            slot = slot_dtypes.get(key)
+            if slot is not None and slot.is_floating_point and tensor.is_floating_point():
+                tensor = tensor.to(slot)
+            group[key[cut:]] = tensor.to(device)
+            del tensor
+        model.get_submodule(owner).load_state_dict(group, strict=False, assign=True)
+        del group
 
 
-def prequantized_layers(shapes: dict) -> list:
-    """Module names that a checkpoint stores as bitsandbytes NF4 (`P.weight.quant_state...`)."""
-    return sorted(k[: -len(".weight" + NF4_STATE_SUFFIX)] for k in shapes if k.endswith(".weight" + NF4_STATE_SUFFIX))
-
-
-def prequantized_layout(shapes: dict, prefix: str) -> tuple:
-    """(blocksize, double_quant) of a bitsandbytes NF4 checkpoint, read from one layer's
-    serialised quant state (bitsandbytes writes every layer of a model the same way)."""
-    key = prefix + ".weight" + NF4_STATE_SUFFIX
-    meta = read_quant_state(_read_tensor(shapes, key), key)
-    return int(meta["blocksize"]), "nested_offset" in meta
+def prequantized_layout(shapes: dict) -> Optional[tuple]:
+    """(blocksize, double_quant) when bitsandbytes saved the checkpoint in 4 bits (it has
+    `P.weight.quant_state.bitsandbytes__nf4` entries, every layer written alike), else None."""
+    key = next((k for k in shapes if k.endswith(".weight" + NF4_STATE_SUFFIX)), None)
+    return None if key is None else bnb_layout(_read_tensor(shapes, key), key)
 
 
 def _read_tensor(shapes: dict, key: str) -> torch.Tensor:
@@ -185,14 +187,15 @@ def _read_tensor(shapes: dict, key: str) -> torch.Tensor:
 
 
 def load_model(name_or_path, *, dtype=None, device=None, quantize: Optional[str] = None,
-               double_quant: bool = True, blocksize: int = 64) -> PhiForCausalLM:
+               double_quant: bool = True, blocksize: int = 64, compute_dtype=None) -> PhiForCausalLM:
     """Load a Phi-2 / Phi-3 family checkpoint (preset name, hub id or local folder).
 
-    Returns the model in eval mode. dtype (the compute dtype) defaults to fp32 on CPU/MPS and
-    bf16 (or fp16) on CUDA; device defaults to the best available. `quantize="nf4"` stores
-    every linear layer but lm_head as NF4 (bitsandbytes' layout; double quantisation of the
-    scales unless `double_quant=False`); a checkpoint saved pre-quantised by bitsandbytes is
-    read as such whatever `quantize` says.
+    Returns the model in eval mode. dtype (of the weights, and what dense layers compute in)
+    defaults to fp32 on CPU/MPS and bf16 (or fp16) on CUDA; device defaults to the best
+    available. `quantize="nf4"` stores every linear layer but lm_head as NF4 (bitsandbytes'
+    layout; double quantisation of the scales unless `double_quant=False`), computing in
+    `compute_dtype` (default: dtype); a checkpoint saved pre-quantised by bitsandbytes is read
+    as such whatever `quantize` says.
     """
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize={quantize!r} is not supported (None or 'nf4')")
@@ -202,25 +205,25 @@ def load_model(name_or_path, *, dtype=None, device=None, quantize: Optional[str]
     config.source_dir = str(folder) if Path(str(name_or_path)).expanduser().is_dir() else hub_id_for(str(name_or_path))
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
+    compute_dtype = parse_dtype(compute_dtype) or dtype
     config.torch_dtype = str(dtype).replace("torch.", "")
 
     with torch.device("meta"):
-        model = PhiForCausalLM(config)
+        model = PhiForCausalLM(config).to(dtype)  # the slots' dtypes are what the tensors are cast to
     shapes = read_header_shapes(checkpoint_files(folder))
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    prequantized = prequantized_layers(shapes)
+    layout = prequantized_layout(shapes)
     try:
-        if prequantized:  # compare with the 4-bit layout the checkpoint was written in
-            blocksize, double_quant = prequantized_layout(shapes, prequantized[0])
-            quantize_model_linears(model, skip=DENSE_MODULES, blocksize=blocksize, double_quant=double_quant,
-                                   compute_dtype=dtype)
+        if layout:  # compare with the 4-bit layout the checkpoint was written in
+            quantize_model_linears(model, skip=DENSE_MODULES, blocksize=layout[0], double_quant=layout[1],
+                                   compute_dtype=compute_dtype)
         check_keys(model, shapes, skip=tied)
     except CheckpointError as err:
         raise CheckpointError(f"{folder}: {err}") from None
-    if quantize and not prequantized:
+    if quantize and not layout:  # the NF4 layers quantise the dense weights as they arrive
         quantize_model_linears(model, skip=DENSE_MODULES, blocksize=blocksize, double_quant=double_quant,
-                               compute_dtype=dtype)
-    stream_weights(model, shapes, dtype, device, skip=tied, blocksize=blocksize, double_quant=double_quant)
+                               compute_dtype=compute_dtype)
+    stream_weights(model, shapes, device, skip=tied)
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
@@ -280,7 +283,7 @@ def save_state_dict(state: dict, directory, max_shard_bytes: int = DEFAULT_SHARD
     atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
 
 
-def bnb_quantization_config(layer: NF4Linear) -> dict:
+def bnb_quantization_config(layer: FrozenLinear) -> dict:
     """The `quantization_config` transformers needs to read a saved NF4 model with bitsandbytes."""
     return {
         "quant_method": "bitsandbytes",
@@ -305,7 +308,7 @@ def save_model(model: PhiForCausalLM, directory, max_shard_bytes: int = DEFAULT_
     save_state_dict(state, directory, max_shard_bytes)
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(model.dtype).replace("torch.", "")
-    nf4_layer = next((m for m in model.modules() if isinstance(m, NF4Linear)), None)
+    nf4_layer = next((m for m in model.modules() if isinstance(m, FrozenLinear) and m.is_nf4), None)
     if nf4_layer is not None:
         hf_config["quantization_config"] = bnb_quantization_config(nf4_layer)
     atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2))

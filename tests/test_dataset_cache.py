@@ -31,7 +31,7 @@ from train_runs import run_main, write_jsonl  # noqa: E402
 from bench.cache_memory import PEAK_RSS_WRAPPER  # noqa: E402
 from phicore.data import DataError, prompt_format_for, read_conversations, tokenize_dataset  # noqa: E402
 from phicore.data import cache  # noqa: E402
-from phicore.data.formats import iter_conversations  # noqa: E402
+from phicore.data.files import iter_conversations  # noqa: E402
 from phicore.tokenizer import load_tokenizer  # noqa: E402
 
 FAST = ["--max-length", "64", "--quiet", "--no-grad-checkpointing"]
@@ -83,6 +83,32 @@ def test_cache_holds_what_in_memory_tokenisation_gives(bases, preset, tmp_path):
         [f for f, _ in cache.FILES.values()] + [cache.META])
 
 
+@pytest.mark.parametrize("user_setting", [None, "true"])
+def test_workers_get_tokenizers_parallelism_off_and_this_process_keeps_its_environment(
+        bases, tmp_path, monkeypatch, user_setting):
+    """The workers are the parallelism: each is forked with TOKENIZERS_PARALLELISM=false (a value
+    the user set is kept), and this process's environment is the same after the build."""
+    if user_setting is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", user_setting)
+    expected_in_workers = user_setting or "false"
+    parent = os.getpid()
+    tokenize_conversation = cache.tokenize_conversation
+
+    def in_a_worker(*args, **kwargs):  # the pool is forked, so the workers run this wrapper
+        assert os.getpid() != parent, "tokenised in this process, not in a worker"
+        assert os.environ.get("TOKENIZERS_PARALLELISM") == expected_in_workers
+        return tokenize_conversation(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "tokenize_conversation", in_a_worker)
+    data = write_jsonl(tmp_path / "pairs.jsonl", records(300))
+    tokenizer = load_tokenizer(bases["tiny-phi-3"])
+    examples, _ = build(data, tokenizer, prompt_format_for(tokenizer), tmp_path / "cache", workers=2)
+    assert examples.meta["workers"] == 2 and len(examples) > 0
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == user_setting
+
+
 def test_iter_conversations_streams_jsonl_like_read_conversations(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", records(20))
     assert list(iter_conversations(good)) == read_conversations(good)
@@ -121,7 +147,7 @@ def test_second_run_does_no_tokenisation(bases, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(cache, "_tokenize_chunk", forbidden)
     monkeypatch.setattr(cache, "tokenize_conversation", forbidden)
-    monkeypatch.setattr(importlib.import_module("phicore.data.collate"), "tokenize_segments", forbidden)
+    monkeypatch.setattr(importlib.import_module("phicore.data.tokenization"), "tokenize_segments", forbidden)
     assert run_main(*args, "--out", tmp_path / "second") == 0
     second = capsys.readouterr().out
     assert "data cache: hit" in second and "(no tokenisation)" in second and "tokenising" not in second

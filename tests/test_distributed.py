@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 import train  # noqa: E402
 from train_runs import adapter, run_main  # noqa: E402
-from phicore.lora import load_adapter  # noqa: E402
+from phicore.peft_io import load_adapter  # noqa: E402
 from phicore.tiny import build_tiny  # noqa: E402
 from phicore.train.checkpoint import list_checkpoints  # noqa: E402
 from phicore.weights import load_model  # noqa: E402

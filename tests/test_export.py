@@ -36,8 +36,8 @@ from phicore.export import ExportError  # noqa: E402
 from phicore.export.gguf import gguf_tensor_name, read_sentencepiece_model, write_gguf  # noqa: E402
 from phicore.export.merge import check_target_folder, parse_size, save_merged  # noqa: E402
 from phicore.inference import GenerationSettings, load_session  # noqa: E402
-from phicore.lora import apply_lora, disable_adapter, lora_layers, save_adapter  # noqa: E402
-from phicore.nf4 import NF4Linear  # noqa: E402
+from phicore.lora import LoRALinear, apply_lora, disable_adapter, lora_layers  # noqa: E402
+from phicore.peft_io import save_adapter  # noqa: E402
 from phicore.tiny import PHI3_SPECIAL_TOKENS, build_tiny, byte_level_tokenizer  # noqa: E402
 from phicore.tokenizer import load_tokenizer  # noqa: E402
 from phicore.weights import load_model  # noqa: E402
@@ -137,7 +137,7 @@ def test_greedy_answer_equals_transformers_generate(bases, tmp_path):
 def test_merge_qlora_adapter_through_the_cli(bases, tmp_path, capsys):
     adapter = make_adapter(bases["tiny-phi-3"], tmp_path / "qlora", quantize="nf4", seed=5)
     quantized = load_session(adapter, device="cpu")  # as in training: the NF4 base + adapter
-    assert any(isinstance(m, NF4Linear) for m in quantized.model.modules())
+    assert any(isinstance(m, LoRALinear) and m.is_nf4 for m in quantized.model.modules())  # LoRA over NF4
     ids = ids_for(quantized.model.config.vocab_size, seed=1)
     with torch.no_grad():
         expected = quantized.model(ids)

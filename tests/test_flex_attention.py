@@ -20,9 +20,10 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from phicore import attention
-from phicore.data.collate import Example, collate, collate_packed
-from phicore.layers import build_attention_mask, set_packed_attention
-from phicore.train.loop import token_loss_sum
+from phicore.code_paths import current_paths, force_paths, set_paths
+from phicore.data.collate import collate, collate_packed
+from phicore.data.tokenization import Example
+from phicore.layers import build_attention_mask
 from tiny_models import phicore_model
 
 ATOL = 1e-5
@@ -32,11 +33,17 @@ ROWS = [[9, 14, 5], [20, 6, 1], [23]]
 SMALL_TILE = 8  # tiles in the tests: rows of ~48 tokens cut into skipped / full / partial tiles
 
 
+def token_loss_sum(model, batch):
+    """The summed token loss as the training step computes it (phicore.train): through the
+    model's forward with the batch's own inputs, document_ids included when packed."""
+    return model(batch.input_ids, labels=batch.labels, **batch.model_inputs())
+
+
 @pytest.fixture(autouse=True)
 def _reset_switch(monkeypatch):
     monkeypatch.setattr(attention, "BLOCK_SIZE", SMALL_TILE)
-    yield
-    set_packed_attention("auto")
+    with force_paths():  # the packed_attention choice a test sets is undone after it
+        yield
 
 
 def _model(shape, seed=0, lora=True, **overrides):
@@ -61,7 +68,7 @@ def _packed(model, rows=ROWS, seed=1):
 def _run(model, batch, mode, capture=None):
     """Logits (B, T, V) with the packed-attention switch at `mode`; attention outputs appended
     to `capture` (one per layer) when given."""
-    set_packed_attention(mode)
+    set_paths(packed_attention=mode)
     hooks = []
     if capture is not None:
         for layer in model.model.layers:
@@ -183,9 +190,9 @@ def test_lora_gradients_match(shape, checkpointing, monkeypatch):
     params = [p for p in model.parameters() if p.requires_grad]
     grads, losses = {}, {}
     for mode in ("flex", "sdpa"):
-        set_packed_attention(mode)
+        set_paths(packed_attention=mode)
         model.zero_grad(set_to_none=True)
-        loss = token_loss_sum(model, batch)  # the training loop's call: passes batch.document_ids
+        loss = token_loss_sum(model, batch)  # the training step's call: passes batch.document_ids
         loss.backward()
         grads[mode] = [p.grad.clone() for p in params]
         losses[mode] = loss.detach()
@@ -218,17 +225,17 @@ def test_fp16_upcast_path_runs_flex():
 def test_switch_chooses_the_mask():
     ids = _documents([[3, 4]], 9)
     kw = dict(attention_mask=None, num_queries=9, past_len=0, sliding_window=None, device="cpu", document_ids=ids)
-    assert attention.packed_attention_mode() == "auto"
+    assert current_paths().packed_attention == "auto"
     assert isinstance(build_attention_mask(**kw), torch.Tensor)  # auto: SDPA off CUDA
     assert attention.uses_flex(torch.device("cuda")) and not attention.uses_flex(torch.device("cpu"))
-    set_packed_attention("flex")
+    set_paths(packed_attention="flex")
     assert isinstance(build_attention_mask(**kw), attention.BlockMask)
     assert isinstance(build_attention_mask(**kw, attention_dropout=0.1), torch.Tensor)  # flex has no dropout
-    set_packed_attention("sdpa")
+    set_paths(packed_attention="sdpa")
     assert isinstance(build_attention_mask(**kw), torch.Tensor)
     assert not attention.uses_flex(torch.device("cuda"))
-    with pytest.raises(ValueError, match="unknown mode 'dense'"):
-        set_packed_attention("dense")
+    with pytest.raises(ValueError, match="unknown packed_attention mode 'dense'"):
+        set_paths(packed_attention="dense")
     with pytest.raises(ValueError, match="KV cache"):
         build_attention_mask(None, 9, 4, None, "cpu", ids)
 
@@ -239,7 +246,7 @@ def test_unpacked_rows_longer_than_the_window_take_flex():
     window mask (1e-5); no window cut, padding or a KV cache keeps the previous masks."""
     model = _model("phi-3-mini-4k", lora=True, sliding_window=7)
     ids = torch.randint(3, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(5))
-    set_packed_attention("flex")
+    set_paths(packed_attention="flex")
     mask = build_attention_mask(None, 40, 0, 7, "cpu")
     assert isinstance(mask, attention.BlockMask) and mask.kv_num_blocks.shape[0] == 1
     assert build_attention_mask(None, 7, 0, 7, "cpu") is None  # the window cuts nothing: causal
@@ -249,7 +256,7 @@ def test_unpacked_rows_longer_than_the_window_take_flex():
     assert isinstance(build_attention_mask(None, 1, 39, 7, "cpu"), torch.Tensor)  # decoding with a cache
     with torch.no_grad():
         flex = model(ids)
-        set_packed_attention("sdpa")
+        set_paths(packed_attention="sdpa")
         assert isinstance(build_attention_mask(None, 40, 0, 7, "cpu"), torch.Tensor)
         dense = model(ids)
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
@@ -258,7 +265,7 @@ def test_unpacked_rows_longer_than_the_window_take_flex():
 def test_training_with_attention_dropout_takes_sdpa():
     model = _model("phi-3-medium", lora=False, attention_dropout=0.5)
     batch = _packed(model)
-    set_packed_attention("flex")
+    set_paths(packed_attention="flex")
     seen = []
     hook = model.model.layers[0].self_attn.register_forward_pre_hook(lambda m, args: seen.append(args[3]))
     model.train()
@@ -282,7 +289,7 @@ def test_compiled_flex_on_cuda(shape, monkeypatch):
     params = [p for p in model.parameters() if p.requires_grad]
     out, grads = {}, {}
     for mode in ("flex", "sdpa"):
-        set_packed_attention(mode)
+        set_paths(packed_attention=mode)
         model.zero_grad(set_to_none=True)
         logits = _run(model, batch, mode)
         mask = batch.labels != -100

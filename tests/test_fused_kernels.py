@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from phicore import kernels
+from phicore.code_paths import current_paths, force_paths, set_paths
 from phicore.config import ModelConfig
 from phicore.layers import LayerNorm, RMSNorm, apply_rotary
 from phicore.model import PhiForCausalLM
@@ -118,14 +119,13 @@ def test_functions_pass_gradcheck_in_float64():
 
 # ----------------------------------------------------------------------------- dispatch
 def test_backend_switch_per_op_and_cpu_default_is_plain():
-    with pytest.raises(ValueError, match="op must be"):
-        kernels.set_default_backend("torch", op="softmax")
-    previous = kernels.set_default_backend("torch", op="rope")
-    try:
-        assert kernels.get_default_backend("rope") == "torch"
-        assert kernels.get_default_backend("swiglu") == kernels.get_default_backend()
-    finally:
-        kernels.set_default_backend(previous, op="rope")
+    with pytest.raises(ValueError, match="unknown kernel op 'softmax'"):
+        set_paths(kernels={"softmax": "torch"})
+    with force_paths(kernels={"rope": "torch"}):
+        assert current_paths().kernel_backend("rope") == "torch"
+        assert kernels.resolve_backend("rope", "cpu") == "torch"
+        assert current_paths().kernel_backend("swiglu") == current_paths().kernels
+    assert current_paths().kernel_backend("rope") == "auto"
     if not kernels.triton_available("cpu"):
         assert not kernels.uses_triton("rms_norm", "cpu")  # auto: CPU keeps the plain modules
         with pytest.raises(RuntimeError, match="Triton backend"):
@@ -148,11 +148,12 @@ _INTERPRETER_CHECK = textwrap.dedent(
     import json, sys, torch
     sys.path.insert(0, "tests")
     from phicore import kernels
+    from phicore.code_paths import force_paths
     from phicore.kernels import fused_torch as ft
     from phicore.config import ModelConfig
+    from phicore.frozen_linear import quantize_model_linears
     from phicore.lora import apply_lora, lora_layers
     from phicore.model import PhiForCausalLM
-    from phicore.nf4 import quantize_model_linears
     from interpreter import autograd_node_names
     from tiny_models import SHAPES
     assert kernels.triton_available("cpu"), "interpreter not active"
@@ -231,15 +232,12 @@ _INTERPRETER_CHECK = textwrap.dedent(
         ids = torch.randint(3, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
         runs = []
         for backend in ("triton", "torch"):
-            previous = kernels.set_default_backend(backend)
-            try:
+            with force_paths(kernels=backend):
                 model.zero_grad(set_to_none=True)
                 torch.manual_seed(5)
                 logits = model(ids)
                 names = sorted(FUSED & autograd_node_names(logits))
                 logits.square().mean().backward()
-            finally:
-                kernels.set_default_backend(previous)
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
             runs.append((logits.detach(), grads, names))
         (l1, g1, names1), (l2, g2, names2) = runs
@@ -328,14 +326,11 @@ def test_cuda_model_fused_matches_plain(shape):
     ids = torch.randint(3, model.config.vocab_size, (2, 64), device="cuda")
     runs = []
     for backend in ("auto", "torch"):
-        previous = kernels.set_default_backend(backend)
-        try:
+        with force_paths(kernels=backend):
             model.zero_grad(set_to_none=True)
             torch.manual_seed(5)
             logits = model(ids)
             logits.square().mean().backward()
-        finally:
-            kernels.set_default_backend(previous)
         runs.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-4)
     for a, b in zip(runs[0][1], runs[1][1]):

@@ -18,21 +18,18 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from phicore.frozen_linear import NF4Linear, quantize_model_linears
 from phicore.lora import (
     LoRALinear,
-    LoRAMixin,
     adapter_state_dict,
-    add_lora,
     apply_lora,
     disable_adapter,
-    load_adapter,
-    lora_class_for,
     lora_layers,
     merge_and_unload,
     merge_lora,
-    save_adapter,
     unmerge_lora,
 )
+from phicore.peft_io import load_adapter, lora_config, save_adapter
 from tiny_models import hf_model, save_hf_checkpoint
 
 peft = pytest.importorskip("peft")
@@ -252,6 +249,34 @@ def test_all_linear_saves_short_names(tmp_path):
     assert config["target_modules"] == sorted(TARGETS["phi-2"])
 
 
+def test_config_is_read_off_the_layers(tmp_path):
+    """No config is kept beside the model: save_adapter reads it off the LoRA layers. Ranks and
+    alphas other than the most common go to rank_pattern / alpha_pattern, keyed by the short name
+    when every layer of that name agrees, else by the escaped full path; PEFT reads them back."""
+    hf = hf_model("phi-3-mini-4k")
+    fresh = copy.deepcopy(hf)
+    apply_lora(hf, r=4, alpha=8, dropout=0.1, rank_pattern={r"layers\.1\.self_attn\.qkv_proj": 2},
+               alpha_pattern={"o_proj": 3})
+    assert not hasattr(hf, "lora_config")
+    _randomise_adapters(hf)
+    save_adapter(hf, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.1)
+    assert config["rank_pattern"] == {re.escape("model.layers.1.self_attn.qkv_proj"): 2}
+    assert config["alpha_pattern"] == {"o_proj": 3}
+    assert config["target_modules"] == sorted(TARGETS["phi-3"])
+    peft_model = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    layers = peft_model.base_model.model.model.layers
+    assert (layers[0].self_attn.qkv_proj.r["default"], layers[1].self_attn.qkv_proj.r["default"]) == (4, 2)
+    assert layers[0].self_attn.o_proj.lora_alpha["default"] == 3
+    ids = _ids(hf)
+    assert _max_diff(_logits(peft_model, ids), _logits(hf.eval(), ids)) <= PARITY_TOL
+    # short names that would also select other layers are saved as full paths
+    regex = apply_lora(hf_model("phi-3-mini-4k"), r=4, alpha=8, targets=re.compile(r"model\.layers\.1\..*_proj"))
+    assert lora_config(regex)["target_modules"] == sorted(path for path, _ in lora_layers(regex))
+    assert all(path.startswith("model.layers.1.") for path in lora_config(regex)["target_modules"])
+
+
 def test_keys_with_adapter_name_load(tmp_path):
     """PEFT's in-memory keys (`.lora_A.default.weight`, `.lora_magnitude_vector.default.weight`) load too."""
     hf = hf_model("phi-3-mini-4k")
@@ -310,7 +335,7 @@ def test_phicore_model_with_peft_adapter(shape, use_dora, tmp_path):
 # ----------------------------------------------------------------------------- the layer
 def _lora_linear(in_f=16, out_f=24, bias=True, seed=0, **kwargs):
     torch.manual_seed(seed)
-    layer = add_lora(nn.Linear(in_f, out_f, bias=bias), **{"r": 4, "alpha": 8, **kwargs})
+    layer = LoRALinear(nn.Linear(in_f, out_f, bias=bias), **{"r": 4, "alpha": 8, **kwargs})
     with torch.no_grad():
         layer.lora_B.weight.normal_(std=0.1)
         if layer.use_dora:
@@ -322,18 +347,20 @@ def test_conversion_keeps_base_parameters():
     torch.manual_seed(0)
     base = nn.Linear(16, 24)
     weight, bias = base.weight, base.bias
-    layer = add_lora(base, r=4, alpha=8)
-    assert layer is base and type(layer) is LoRALinear
-    assert layer.weight is weight and layer.bias is bias  # not re-allocated
+    layer = LoRALinear(base, r=4, alpha=8)
+    assert type(layer) is LoRALinear and layer.in_features == 16 and layer.out_features == 24
+    assert layer.weight is weight and layer.bias is bias  # the base's very Parameters: not re-allocated
     assert set(layer.state_dict()) == {"weight", "bias", "lora_A.weight", "lora_B.weight"}
     assert layer.lora_A.weight.shape == (4, 16) and layer.lora_B.weight.shape == (24, 4)
     assert torch.count_nonzero(layer.lora_B.weight) == 0  # PEFT init: B = 0, A kaiming-uniform
     assert layer.lora_A.weight.abs().max() <= 1 / 16**0.5 + 1e-7
     assert not weight.requires_grad and layer.lora_A.weight.requires_grad
     with pytest.raises(TypeError, match="already carries"):
-        lora_class_for(LoRALinear)
-    built = LoRALinear(16, 24, r=4, alpha=8)  # or construct one directly
-    assert set(built.state_dict()) == set(layer.state_dict()) and built.scaling == 2
+        LoRALinear(layer, r=4, alpha=8)
+    with pytest.raises(TypeError, match="not a linear layer"):
+        LoRALinear(nn.LayerNorm(16), r=4, alpha=8)
+    unbiased = LoRALinear(nn.Linear(16, 24, bias=False), r=4, alpha=8)
+    assert set(unbiased.state_dict()) == set(layer.state_dict()) - {"bias"} and unbiased.scaling == 2
 
 
 def test_forward_and_gradients_match_formula():
@@ -417,8 +444,8 @@ def test_only_adapter_trains_and_lm_head_never_targeted():
     trainable = {n for n, p in hf.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     assert {n for n in adapter_state_dict(hf)} == trainable
-    assert not isinstance(hf.lm_head, LoRAMixin)
-    assert hf.lora_config["target_modules"] == sorted(TARGETS["phi-3"])
+    assert not isinstance(hf.lm_head, LoRALinear)
+    assert lora_config(hf)["target_modules"] == sorted(TARGETS["phi-3"])
     for targets in ("lm_head", ["qkv_proj", "lm_head"]):
         with pytest.raises(ValueError, match="never"):
             apply_lora(hf_model("phi-3-mini-4k"), targets=targets)
@@ -495,24 +522,75 @@ def test_target_absent_and_shape_mismatch(tmp_path):
     assert not list(lora_layers(narrow))
 
 
-# ----------------------------------------------------------------------------- quantised bases
-_HAVE_NF4 = importlib.util.find_spec("phicore.nf4") is not None
+# ----------------------------------------------------------------------------- base keys, quantised bases
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_state_dict_is_base_keys_plus_adapter_keys(nf4, use_dora):
+    """A LoRA model's state dict is the base model's keys (bitsandbytes' for an NF4 base) plus
+    the adapter's; the base Parameters are the very same objects; a base checkpoint loads into
+    the LoRA model as it is, with no key remapping."""
+    def base(seed):
+        model = hf_model("phi-2", seed)
+        if nf4:
+            quantize_model_linears(model)
+        return model.eval()
+
+    model = base(0)
+    base_keys = set(model.state_dict())
+    params = dict(model.named_parameters())
+    apply_lora(model, r=4, alpha=8, use_dora=use_dora)
+    adapter_keys = set(adapter_state_dict(model))
+    assert adapter_keys and base_keys.isdisjoint(adapter_keys)
+    assert set(model.state_dict()) == base_keys | adapter_keys
+    assert all(p is params[n] for n, p in model.named_parameters() if n not in adapter_keys)
+    if nf4:
+        layer = model.model.layers[0].mlp.fc1
+        assert layer.is_nf4 and layer.weight.dtype == torch.uint8  # still packed
+        assert "model.layers.0.mlp.fc1.weight.absmax" in base_keys
+
+    other = base(1).state_dict()  # another base checkpoint, loaded unchanged
+    result = model.load_state_dict(other, strict=False)
+    assert set(result.missing_keys) == adapter_keys and not result.unexpected_keys
+    state = model.state_dict()
+    assert all(torch.equal(state[k], other[k]) for k in other)
+    _randomise_adapters(model)
+    ids = _ids(model)
+    with disable_adapter(model):  # the loaded base computes the other model's logits
+        assert torch.equal(_logits(model, ids), _logits(base(1), ids))
 
 
-class FakeQuantLinear(nn.Module):
-    """A frozen 'quantised' linear with the NF4Linear protocol: forward, dequantize, in/out, bias."""
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_one_state_dict_loads_into_lora_and_qlora(use_dora):
+    """QLoRA against LoRA by loading one state dict into both: a LoRA model's full state dict
+    (dense base + adapter) loads strictly into a QLoRA model, whose NF4 layers quantise the dense
+    weights as they arrive (the bytes NF4Linear.from_linear makes), and computes what a LoRA model
+    holding the dequantised weights computes."""
+    source = hf_model("phi-3-mini-4k")
+    apply_lora(source, r=4, alpha=8, use_dora=use_dora)
+    _randomise_adapters(source)
+    state = source.state_dict()
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("codes", (linear.weight.detach() * 64).round().to(torch.int16))
-        self.bias = linear.bias
+    qlora = hf_model("phi-3-mini-4k", seed=1)  # other weights: the load must replace them all
+    quantize_model_linears(qlora)
+    apply_lora(qlora.eval(), r=4, alpha=8, use_dora=use_dora)
+    assert not qlora.load_state_dict(state).missing_keys  # strict: no key is remapped or missing
+    dense = hf_model("phi-3-mini-4k", seed=1)
+    apply_lora(dense.eval(), r=4, alpha=8, use_dora=use_dora)
+    dense.load_state_dict(state)
+    with torch.no_grad():
+        for path, layer in lora_layers(qlora):
+            weight = source.get_submodule(path).weight
+            assert layer.is_nf4 and torch.equal(layer.weight, NF4Linear.from_linear(_linear_holding(weight)).weight)
+            dense.get_submodule(path).weight.copy_(layer.dense_weight())
+    ids = _ids(source)
+    assert _max_diff(_logits(source, ids), _logits(dense, ids)) > 1e-4  # NF4 rounding shows
+    assert _max_diff(_logits(qlora, ids), _logits(dense, ids)) <= PARITY_TOL
 
-    def dequantize(self):
-        return self.codes.float() / 64
 
-    def forward(self, x):
-        return nn.functional.linear(x, self.dequantize(), self.bias)
+def _linear_holding(weight):
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight.detach().clone())
+    return linear
 
 
 def _quantised_vs_dense(make_quantised, use_dora, shape="phi-3-mini-4k"):
@@ -551,24 +629,9 @@ def _quantised_vs_dense(make_quantised, use_dora, shape="phi-3-mini-4k"):
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_fake_quantised_base(use_dora):
-    def quantise(model):
-        for _, parent in list(model.named_modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear and name != "lm_head":
-                    setattr(parent, name, FakeQuantLinear(child))
-
-    model = _quantised_vs_dense(quantise, use_dora)
-    _, layer = next(lora_layers(model))
-    assert type(layer).__name__ == "LoRAFakeQuantLinear" and lora_class_for(FakeQuantLinear) is type(layer)
-
-
-@pytest.mark.skipif(not _HAVE_NF4, reason="phicore.nf4 is not written yet")
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("shape", ["phi-2", "phi-3-mini-4k"])  # Phi-2: NF4 with biases returns a view
 def test_nf4_base(shape, use_dora):
-    from phicore.nf4 import NF4Linear, quantize_model_linears
-
     model = _quantised_vs_dense(lambda m: quantize_model_linears(m), use_dora, shape)
     _, layer = next(lora_layers(model))
-    assert isinstance(layer, NF4Linear) and type(layer).__name__ == "LoRANF4Linear"
+    assert isinstance(layer, LoRALinear) and layer.is_nf4 and layer.weight.dtype == torch.uint8
+    assert type(layer.base_layer()) is NF4Linear and layer.base_layer().weight is layer.weight

@@ -1,6 +1,6 @@
-"""The fused LoRA node (phicore.lora.LoRALinearFunction) against the reference path.
+"""The fused LoRA node (phicore.lora_fused.LoRALinearFunction) against the reference path.
 
-Oracle: the same layer with `set_fused_lora(False)`: autograd over the separate ops, which
+Oracle: the same layer under `force_paths(fused_lora=False)`: autograd over the separate ops, which
 tests/test_lora.py checks against PEFT. Same seed, same inputs, both paths:
 fp32: outputs and gradients within 1e-5 (rtol) / 1e-6 (atol); dropout masks identical (the
 fused node draws them with torch.native_dropout, the op F.dropout runs). bf16 / autocast: the
@@ -15,23 +15,15 @@ import torch
 import torch.nn as nn
 
 from phicore.config import ModelConfig
-from phicore.lora import LoRALinear, LoRALinearFunction, add_lora, apply_lora, lora_layers, set_fused_lora
+from phicore.frozen_linear import NF4Linear
+from phicore.code_paths import current_paths, force_paths, set_paths
+from phicore.lora import LoRALinear, apply_lora, lora_layers
+from phicore.lora_fused import LoRALinearFunction
 from phicore.model import PhiForCausalLM
-from phicore.nf4 import NF4Linear
 from tiny_models import SHAPES
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 BF16 = dict(rtol=2e-2, atol=2e-2)
-
-
-class reference_path:
-    """Context: the plain autograd path (the fused node switched off)."""
-
-    def __enter__(self):
-        self.previous = set_fused_lora(False)
-
-    def __exit__(self, *exc):
-        set_fused_lora(self.previous)
 
 
 def _layer(in_f=24, out_f=20, bias=True, dropout=0.0, dtype=torch.float32, lora_dtype=None, seed=0, nf4=False):
@@ -41,7 +33,7 @@ def _layer(in_f=24, out_f=20, bias=True, dropout=0.0, dtype=torch.float32, lora_
         if bias:
             base.bias.normal_()
     base = NF4Linear.from_linear(base, compute_dtype=dtype) if nf4 else base.to(dtype)
-    layer = add_lora(base, r=4, alpha=8, dropout=dropout, dtype=lora_dtype)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=dropout, dtype=lora_dtype)
     with torch.no_grad():
         layer.lora_B.weight.normal_(0, 0.5)
     return layer.train()
@@ -51,13 +43,10 @@ def _run(layer, x, grad, fused, seed=7):
     """(y, dx, dA, dB, grad_fn name) for one forward/backward on copies of x."""
     x = x.detach().clone().requires_grad_(x.requires_grad)
     layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
-    previous = set_fused_lora(fused)
-    try:
+    with force_paths(fused_lora=fused):
         torch.manual_seed(seed)
         y = layer(x)
         y.backward(grad)
-    finally:
-        set_fused_lora(previous)
     return (y.detach(), None if x.grad is None else x.grad.clone(), layer.lora_A.weight.grad.clone(),
             layer.lora_B.weight.grad.clone(), type(y.grad_fn).__name__)
 
@@ -85,7 +74,7 @@ def test_dense_fp32_matches_reference(bias, dropout):
     y, dx, *_ = _compare(layer, x, FP32)
     assert dx is not None
     if dropout:  # the dropout really acts (else the test would not check the mask handling)
-        with reference_path(), torch.no_grad():
+        with force_paths(fused_lora=False), torch.no_grad():
             layer.eval()
             assert not torch.allclose(layer(x), y)
             layer.train()
@@ -94,7 +83,7 @@ def test_dense_fp32_matches_reference(bias, dropout):
 def test_input_without_grad_and_rslora():
     """The first layer's input needs no gradient: the node skips g @ W (no dequantisation)."""
     torch.manual_seed(0)
-    layer = add_lora(nn.Linear(24, 20), r=4, alpha=8, use_rslora=True).train()
+    layer = LoRALinear(nn.Linear(24, 20), r=4, alpha=8, use_rslora=True).train()
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     _, dx, *_ = _compare(layer, torch.randn(7, 24), FP32)
@@ -132,7 +121,7 @@ def test_reference_path_is_kept_where_the_node_does_not_apply():
     layer.weight.requires_grad_(True)  # a trainable base: its gradient needs the reference path
     assert type(layer(x).grad_fn).__name__ != "LoRALinearFunctionBackward"
     layer.weight.requires_grad_(False)
-    dora = add_lora(nn.Linear(24, 20), r=4, alpha=8, use_dora=True).train()
+    dora = LoRALinear(nn.Linear(24, 20), r=4, alpha=8, use_dora=True).train()
     assert type(dora(x).grad_fn).__name__ != "LoRALinearFunctionBackward"
     layer.merge()
     assert type(layer(x).grad_fn).__name__ != "LoRALinearFunctionBackward"
@@ -163,12 +152,8 @@ def test_fused_node_saves_less(case):
     x = x_leaf * 1  # a model's activations are not leaves (autocast caches casts of leaves only)
     counts = {}
     for fused in (True, False):
-        previous = set_fused_lora(fused)
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in case):
-                counts[fused], _ = _saved_bytes(lambda: layer(x), layer.parameters())
-        finally:
-            set_fused_lora(previous)
+        with force_paths(fused_lora=fused), torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in case):
+            counts[fused], _ = _saved_bytes(lambda: layer(x), layer.parameters())
     x_bytes = x.numel() * x.element_size()
     print(f"{case}: saved bytes fused {counts[True]}, reference {counts[False]} (x itself: {x_bytes})")
     # fused keeps x (or its bf16 cast), the bool mask with dropout, xa (N x r), A, B's casts
@@ -203,14 +188,11 @@ def test_model_training_step_matches_reference(shape, checkpointing):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     results = []
     for fused in (True, False):
-        previous = set_fused_lora(fused)
-        try:
+        with force_paths(fused_lora=fused):
             model.zero_grad(set_to_none=True)
             torch.manual_seed(5)
             logits = model(ids)
             logits.square().mean().backward()
-        finally:
-            set_fused_lora(previous)
         results.append((logits.detach(), {n: p.grad.clone() for n, p in params.items()}))
     (logits_f, grads_f), (logits_r, grads_r) = results
     torch.testing.assert_close(logits_f, logits_r, **FP32)
@@ -219,6 +201,7 @@ def test_model_training_step_matches_reference(shape, checkpointing):
 
 
 def test_switch_returns_previous():
-    assert set_fused_lora(False) is True
-    assert set_fused_lora(True) is False
-    assert LoRALinearFunction is not None and issubclass(type(LoRALinear(4, 4)), LoRALinear)
+    assert set_paths(fused_lora=False).fused_lora is True
+    assert set_paths(fused_lora=True).fused_lora is False
+    assert current_paths().fused_lora is True
+    assert LoRALinearFunction is not None and isinstance(LoRALinear(nn.Linear(4, 4)), LoRALinear)

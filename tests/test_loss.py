@@ -20,9 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phicore.data.collate import IGNORE_INDEX
-from phicore.loss import (causal_lm_loss_sum, default_chunk_size, fused_linear_cross_entropy_sum,
-                          next_token_loss_sum)
+from phicore.data.tokenization import IGNORE_INDEX
+from phicore.loss import default_chunk_size, fused_linear_cross_entropy_sum, next_token_loss_sum
 from phicore.loss import IGNORE_INDEX as LOSS_IGNORE_INDEX
 from tiny_models import phicore_model
 
@@ -134,8 +133,8 @@ def test_model_loss_matches_full_logits_loss(shape):
     assert LOSS_IGNORE_INDEX == IGNORE_INDEX
     ref_loss, ref_grads = run(lambda: full_logits_loss_sum(model, batch))
     for name, fn in (
-        ("causal_lm_loss_sum", lambda: causal_lm_loss_sum(model, batch.input_ids, batch.attention_mask,
-                                                          batch.position_ids, batch.labels)),
+        ("model(labels=)", lambda: model(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                         labels=batch.labels)),
         ("5-token chunks", lambda: next_token_loss_sum(
             model.hidden_states(batch.input_ids, batch.attention_mask, batch.position_ids), model.lm_head,
             batch.labels, chunk_size=5)),
@@ -149,9 +148,8 @@ def test_model_loss_matches_full_logits_loss(shape):
             torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-6)
     model.eval()
     with torch.no_grad():  # evaluation: same value, nothing saved
-        torch.testing.assert_close(causal_lm_loss_sum(model, batch.input_ids, batch.attention_mask,
-                                                      batch.position_ids, batch.labels), full_logits_loss_sum(model, batch),
-                                   rtol=RTOL, atol=0)
+        torch.testing.assert_close(model(batch.input_ids, batch.attention_mask, batch.position_ids, labels=batch.labels),
+                                   full_logits_loss_sum(model, batch), rtol=RTOL, atol=0)
 
 
 def test_model_loss_under_bf16_autocast():
@@ -160,7 +158,7 @@ def test_model_loss_under_bf16_autocast():
     batch = _batch(model.config.vocab_size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = full_logits_loss_sum(model, batch)
-        got = causal_lm_loss_sum(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels)
+        got = model(batch.input_ids, batch.attention_mask, batch.position_ids, labels=batch.labels)
     assert got.dtype == torch.float32
     got.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -182,8 +180,11 @@ def test_model_loss_through_ddp(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = DDP(model)
-        loss = causal_lm_loss_sum(ddp, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels)
+        loss = ddp(batch.input_ids, batch.attention_mask, batch.position_ids, labels=batch.labels)
         loss.backward()
+        # DDP's reducer must go before its process group: freed after destroy_process_group(),
+        # gloo's destructor joins its threads while holding the GIL and can deadlock
+        del ddp
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=RTOL, atol=0)

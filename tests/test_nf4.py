@@ -17,17 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from phicore.frozen_linear import NF4Linear, quantize_model_linears
 from phicore.kernels import dequantize_nf4, nf4_absmax
 from phicore.nf4 import (
-    NF4Linear,
     NF4State,
+    bnb_entries,
     create_dynamic_map,
-    is_bnb_4bit_linear,
-    load_bnb_linear_state,
     nf4_code,
-    nf4_state_dict,
-    quantize_model_linears,
     quantize_nf4,
+    state_from_bnb_entries,
 )
 
 SHAPES = [(128, 256), (33, 17), (7,), (300, 257), (2, 3, 64)]
@@ -60,8 +58,7 @@ def _scaled(weight, blocksize):
 
 def _bnb_state(bnb, packed, state):
     """A bitsandbytes QuantState built from our serialised entries (exercises our keys and JSON)."""
-    entries = {k[len("weight.") :]: v for k, v in nf4_state_dict(packed, state).items() if k != "weight"}
-    return bnb.functional.QuantState.from_dict(entries, device="cpu")
+    return bnb.functional.QuantState.from_dict(bnb_entries(state), device="cpu")
 
 
 def _bnb_dequantize(bnb, packed, quant_state):
@@ -151,13 +148,11 @@ def test_dequantize_matches_bnb(bnb, blocksize, double_quant):
     for seed, shape in enumerate(SHAPES):
         for dtype in DTYPES:
             w = _weight(shape, dtype, seed)
-            # bnb's own quantisation, read through our loader, dequantised by both
+            # bnb's own quantisation, read through our reader of its entries, dequantised by both
             ref_packed, ref_state = bnb.functional.quantize_4bit(
                 w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4"
             )
-            entries = {"x.weight": ref_packed}
-            entries.update({"x.weight." + k: v for k, v in ref_state.as_dict(packed=True).items()})
-            packed, state, _ = load_bnb_linear_state("x", entries)
+            packed, state = ref_packed, state_from_bnb_entries(ref_state.as_dict(packed=True))
             ours = dequantize_nf4(packed, state, dtype, backend="torch")
             ref = _bnb_dequantize(bnb, ref_packed, ref_state)
             assert ours.shape == ref.shape and ours.dtype == ref.dtype == dtype
@@ -177,7 +172,7 @@ def test_serialised_entries_match_bnb(bnb, dtype, double_quant):
     _, ref = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
     if double_quant:  # the 8-bit codes may differ by bnb's CPU search (test_double_quant_matches_bnb)
         state.absmax = ref.absmax
-    ours = {k[len("weight.") :]: v for k, v in nf4_state_dict(packed, state).items() if k != "weight"}
+    ours = bnb_entries(state)
     theirs = ref.as_dict(packed=True)
     assert list(ours) == list(theirs)
     for key, value in theirs.items():
@@ -320,6 +315,23 @@ def test_state_loads_with_other_blocksize():
     assert torch.equal(layer.dequantize(), source.dequantize())
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dense_weight_is_quantised_on_load(double_quant):
+    """A dense state dict (nn.Linear's keys) loads into an NF4Linear: the layer quantises the
+    weight itself (its blocksize and double quantisation) and keeps only the packed bytes."""
+    dense = _dense(192, 80, seed=4)
+    expected = NF4Linear.from_linear(_dense(192, 80, seed=4), blocksize=128, double_quant=double_quant).state_dict()
+    for assign in (False, True):
+        layer = NF4Linear(192, 80, blocksize=128, double_quant=double_quant, device="meta" if assign else None)
+        result = layer.load_state_dict(dense.state_dict(), assign=assign)
+        assert not result.missing_keys and not result.unexpected_keys
+        got = layer.state_dict()
+        assert list(got) == list(expected) and layer.weight.dtype == torch.uint8 and not layer.weight.requires_grad
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight"):
+        NF4Linear(192, 81).load_state_dict(dense.state_dict())
+
+
 def test_missing_quant_state_is_reported():
     sd = NF4Linear.from_linear(_dense(64, 32)).state_dict()
     del sd["weight.absmax"]
@@ -327,13 +339,21 @@ def test_missing_quant_state_is_reported():
         NF4Linear(64, 32).load_state_dict(sd)
 
 
-def test_bnb_helpers_round_trip():
+def test_bnb_entries_round_trip_through_load_state_dict():
     w = _weight((40, 96), torch.bfloat16, 1)
     packed, state = quantize_nf4(w)
     bias = torch.randn(40)
-    sd = nf4_state_dict(packed, state, bias, prefix="model.layers.0.mlp.fc1")
-    assert is_bnb_4bit_linear("model.layers.0.mlp.fc1", sd) and not is_bnb_4bit_linear("model.layers.0.mlp.fc2", sd)
-    packed2, state2, bias2 = load_bnb_linear_state("model.layers.0.mlp.fc1", sd)
+    entries = {"weight." + name: value for name, value in bnb_entries(state).items()}
+    sd = {"mlp.fc1.weight": packed, "mlp.fc1.bias": bias, **{"mlp.fc1." + k: v for k, v in entries.items()}}
+    with torch.device("meta"):
+        model = nn.Module()
+        model.mlp = nn.Module()
+        model.mlp.fc1, model.mlp.fc2 = NF4Linear(96, 40), NF4Linear(96, 40)
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    assert "mlp.fc2.weight.quant_state.bitsandbytes__nf4" in result.missing_keys  # the dict holds fc1 only
+    assert not [k for k in result.missing_keys if k.startswith("mlp.fc1.")] and not result.unexpected_keys
+    layer = model.mlp.fc1
+    packed2, state2, bias2 = layer.weight, layer.quant_state, layer.bias
     assert isinstance(state2, NF4State) and state2.shape == (40, 96) and state2.dtype == torch.bfloat16
     assert state2.offset == state.offset and torch.equal(bias2, bias)
     assert torch.equal(dequantize_nf4(packed2, state2), dequantize_nf4(packed, state))

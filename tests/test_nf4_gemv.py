@@ -26,7 +26,8 @@ import torch
 
 from phicore import kernels
 from phicore import nf4 as nf4_module
-from phicore.nf4 import GEMV_MAX_TOKENS, NF4Linear, load_bnb_linear_state, quantize_nf4
+from phicore.frozen_linear import NF4Linear
+from phicore.nf4 import GEMV_MAX_TOKENS, quantize_nf4
 from interpreter import interpreter_fixture, needs_cuda_triton
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +49,10 @@ def test_reference_matches_bitsandbytes(double_quant):
         ref_packed, ref_state = bnb.functional.quantize_4bit(
             w, blocksize=64, compress_statistics=double_quant, quant_type="nf4"
         )
-        entries = {"x.weight": ref_packed}
-        entries.update({"x.weight." + k: v for k, v in ref_state.as_dict(packed=True).items()})
-        packed, state, _ = load_bnb_linear_state("x", entries)
+        layer = NF4Linear(in_features, out_features, bias=False, double_quant=double_quant, device="meta")
+        entries = {"weight." + k: v for k, v in ref_state.as_dict(packed=True).items()}
+        layer.load_state_dict({"weight": ref_packed, **entries}, assign=True)  # bnb's bytes, read as they are
+        packed, state = layer.weight, layer.quant_state
         dense = bnb.functional.dequantize_4bit(ref_packed, ref_state)  # (out, in) fp32
         assert torch.equal(dense, kernels.dequantize_nf4(packed, state, torch.float32, backend="torch"))
         expected = x @ dense.T + (0 if b is None else b)
@@ -81,12 +83,14 @@ _INTERPRETER_CHECK = textwrap.dedent(
     import itertools, json, sys, torch
     sys.path.insert(0, "tests")
     from phicore import kernels
+    from phicore.code_paths import force_paths, set_paths
     from phicore.kernels import nf4_gemv_triton
     from phicore import nf4 as nf4_module
     from phicore.config import ModelConfig
     from phicore.generate import generate
     from phicore.model import PhiForCausalLM
-    from phicore.nf4 import NF4Linear, quantize_model_linears, quantize_nf4
+    from phicore.frozen_linear import NF4Linear, quantize_model_linears
+    from phicore.nf4 import quantize_nf4
     from tiny_models import SHAPES
     assert kernels.triton_available("cpu"), "interpreter not active"
     g = torch.Generator().manual_seed(0)
@@ -139,12 +143,8 @@ _INTERPRETER_CHECK = textwrap.dedent(
 
     def routed(x, grad=False, backend="triton"):
         calls.clear()
-        previous = kernels.set_default_backend(backend, op="nf4_gemv")
-        try:
-            with torch.set_grad_enabled(grad):
-                y = layer(x)
-        finally:
-            kernels.set_default_backend(previous, op="nf4_gemv")
+        with force_paths(kernels={"nf4_gemv": backend}), torch.set_grad_enabled(grad):
+            y = layer(x)
         return {"calls": len(calls), "err": err(y, dense_ref(x.detach())), "requires_grad": y.requires_grad}
 
     x1 = torch.randn(1, 1, 64, generator=g)
@@ -161,7 +161,7 @@ _INTERPRETER_CHECK = textwrap.dedent(
     r["auto_backend_cpu"] = routed(x1, backend="auto")
 
     # greedy generate(): dense path (Triton dequantisation + matmul) vs the gemv kernel
-    kernels.set_default_backend("triton", op="nf4")
+    set_paths(kernels={"nf4": "triton"})
     for shape in ("phi-3-mini-4k", "phi-2"):
         class_name, kw = SHAPES[shape]
         cfg = ModelConfig.from_dict({"model_type": "phi" if class_name == "PhiConfig" else "phi3", **kw})
@@ -172,7 +172,7 @@ _INTERPRETER_CHECK = textwrap.dedent(
         prompts = [[5, 17, 99, 3, 42], [7, 8, 9]]
         runs = []
         for gemv in ("torch", "triton"):
-            kernels.set_default_backend(gemv, op="nf4_gemv")
+            set_paths(kernels={"nf4_gemv": gemv})
             calls.clear()
             tokens = [generate(model, prompts[0], max_new_tokens=5), generate(model, prompts, max_new_tokens=3)]
             n_calls = len(calls)

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from phicore import kernels
+from phicore.code_paths import current_paths, force_paths, set_paths
+from phicore.frozen_linear import NF4Linear
 from phicore.kernels import dequantize_nf4, nf4_absmax, nf4_torch
-from phicore.nf4 import NF4Linear, nf4_code, quantize_nf4
+from phicore.nf4 import nf4_code, quantize_nf4
 from interpreter import HAS_TRITON, needs_cuda_triton, run_under_interpreter
 
 
@@ -47,17 +49,15 @@ def test_torch_path_matches_elementwise_reference(double_quant, slice_bytes, mon
 
 def test_backend_switch():
     packed, state = quantize_nf4(torch.randn(16, 64))
-    with pytest.raises(ValueError):
-        kernels.set_default_backend("cuda")
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        set_paths(kernels="cuda")
     with pytest.raises(ValueError):
         dequantize_nf4(packed, state, torch.float32, backend="fast")
-    previous = kernels.set_default_backend("torch")
-    try:
-        assert kernels.get_default_backend() == "torch"
+    previous = current_paths()
+    with force_paths(kernels="torch"):
+        assert current_paths().kernel_backend("nf4") == "torch"
         assert torch.equal(dequantize_nf4(packed, state), dequantize_nf4(packed, state, backend="auto"))
-    finally:
-        kernels.set_default_backend(previous)
-    assert kernels.get_default_backend() == previous
+    assert current_paths() == previous
     assert not kernels.triton_available("meta")
     if not kernels.triton_available("cpu"):  # triton imported here without its interpreter
         with pytest.raises(RuntimeError, match="Triton backend"):
@@ -122,13 +122,10 @@ def test_nf4linear_cuda_backends_agree():
     x = torch.randn(4, 7, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     outputs, grads = [], []
     for backend in ("triton", "torch"):
-        previous = kernels.set_default_backend(backend)
-        try:
+        with force_paths(kernels=backend):
             x.grad = None
             y = layer(x)
             y.float().square().sum().backward()
-        finally:
-            kernels.set_default_backend(previous)
         outputs.append(y.detach())
         grads.append(x.grad.clone())
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])

@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -52,10 +53,12 @@ def test_installed_phicore_leaves_kernels_to_hugging_face(tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside setup.py
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "out"))
     # pip from this environment, installing into the new one: a regular (not editable) install
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--no-index", "--disable-pip-version-check", str(REPO)],
+         "--no-build-isolation", "--no-index", "--disable-pip-version-check", str(source)],
         capture_output=True, text=True, timeout=300)
     if "no such option: --python" in install.stderr:
         pytest.skip("pip too old for --python (needs pip >= 22.3)")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import phicore
-from phicore.nf4 import NF4Linear
+from phicore.frozen_linear import NF4Linear
 from phicore.weights import save_model
 from tiny_models import save_hf_checkpoint
 

@@ -30,14 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402  (train.py at the repo root)
 from train_runs import adapter, run_main, write_jsonl  # noqa: E402
 from phicore.data import (BatchPlan, collate, collate_packed, conversations_from_records,  # noqa: E402
                           prompt_format_for, tokenize_dataset)
-from phicore.lora import apply_lora, load_adapter  # noqa: E402
+from phicore.lora import apply_lora  # noqa: E402
+from phicore.peft_io import load_adapter  # noqa: E402
 from phicore.tokenizer import load_tokenizer  # noqa: E402
-from phicore.train import TrainConfig  # noqa: E402
 from phicore.train import loop as train_loop  # noqa: E402
+from phicore.train.config import RunConfig  # noqa: E402
 from phicore.train.checkpoint import list_checkpoints  # noqa: E402
 from phicore.train.schedule import lr_at, warmup_steps_for  # noqa: E402
 from phicore.weights import load_model  # noqa: E402
@@ -249,6 +249,11 @@ def test_grad_accum_is_token_normalised(bases, tmp_path):
 
 # ----------------------------------------------------------------------------- packing
 
+def _loss_sum(model, batch):
+    """The training step's call: the summed token loss, masks and document ids from the batch."""
+    return model(batch.input_ids, labels=batch.labels, **batch.model_inputs())
+
+
 @pytest.mark.parametrize("preset", ["tiny-phi-2", "tiny-phi-3"])
 def test_packing_isolation(bases, preset):
     """Each example's logits inside a packed row (block-diagonal mask, restarting positions)
@@ -268,8 +273,8 @@ def test_packing_isolation(bases, preset):
             alone = model(torch.tensor([e.input_ids]))
             assert (logits[0, offset:offset + len(e)] - alone[0]).abs().max() <= 1e-5
             offset += len(e)
-        separate = sum(float(train_loop.token_loss_sum(model, collate([e], 0))) for e in examples)
-        assert float(train_loop.token_loss_sum(model, packed)) == pytest.approx(separate, rel=1e-5)
+        separate = sum(float(_loss_sum(model, collate([e], 0))) for e in examples)
+        assert float(_loss_sum(model, packed)) == pytest.approx(separate, rel=1e-5)
 
 
 def test_pack_trains(bases, data_file, tmp_path):
@@ -298,7 +303,7 @@ BAD_INPUTS = {
     "non-utf8": ("bad.jsonl", GOOD.encode() + b'{"prompt": "caf\xe9", "response": "x"}\n', [], ["bad.jsonl:2", "UTF-8"]),
     "csv-wrong-columns": ("bad.csv", "question,notes\nhi,there\n", [], ["bad.csv:1", "column"]),
     "csv-short-row": ("bad.csv", "question,answer\nhi,hello\nlonely\n", [], ["bad.csv:3", "columns"]),
-    "unknown-format": ("ok.jsonl", GOOD * 4, ["--format", "limerick"], ["ok.jsonl", "limerick"]),
+    "unknown-format": ("ok.jsonl", GOOD * 4, ["--format", "limerick"], ["--format", "limerick"]),
     "missing-file": ("nowhere.jsonl", None, [], ["nowhere.jsonl"]),
     "bad-val-data": ("ok.jsonl", GOOD * 4, ["--val-data", "{tmp}/missing.jsonl"], ["missing.jsonl"]),
     "batch-size-0": ("ok.jsonl", GOOD * 4, ["--batch-size", "0"], ["--batch-size"]),
@@ -355,19 +360,22 @@ def _lora_params(model):
     return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
+def _run_config(tmp_path, **settings) -> RunConfig:
+    return RunConfig(data="unused.jsonl", out=str(tmp_path / "nan"), lr=5e-3, seed=0, **settings)
+
+
 def test_nan_loss_skips_the_step_with_a_warning(bases, tmp_path, monkeypatch, capsys):
     model, plan = _small_setup(bases, tmp_path)
-    real = train_loop.token_loss_sum
+    real = model.forward
     seen = []
 
-    def flaky(model, batch):  # the call of step s sees the weights left by step s-1
+    def flaky(*args, **kwargs):  # the call of step s sees the weights left by step s-1
         seen.append(_lora_params(model))
-        loss = real(model, batch)
+        loss = real(*args, **kwargs)
         return loss * float("nan") if len(seen) == 2 else loss
 
-    monkeypatch.setattr(train_loop, "token_loss_sum", flaky)
-    cfg = TrainConfig(out_dir=str(tmp_path / "nan"), max_steps=4, lr=5e-3, seed=0)
-    result = train_loop.train(model, plan, cfg, show_progress=False)
+    monkeypatch.setattr(model, "forward", flaky)
+    result = train_loop.train(model, plan, _run_config(tmp_path, max_steps=4), show_progress=False)
     out = capsys.readouterr().out
     assert result.steps == 4 and "warning: step 2" in out and "skipped" in out
     assert math.isnan(result.history[1]["loss"]) and math.isfinite(result.history[2]["loss"])
@@ -380,17 +388,16 @@ def test_nan_loss_skips_the_step_with_a_warning(bases, tmp_path, monkeypatch, ca
 
 def test_nan_losses_in_a_row_stop_the_run(bases, tmp_path, monkeypatch):
     model, plan = _small_setup(bases, tmp_path)
-    real = train_loop.token_loss_sum
+    real = model.forward
     calls = []
 
-    def broken(model, batch):
+    def broken(*args, **kwargs):
         calls.append(1)
-        return real(model, batch) * float("inf" if len(calls) % 2 else "nan")
+        return real(*args, **kwargs) * float("inf" if len(calls) % 2 else "nan")
 
-    monkeypatch.setattr(train_loop, "token_loss_sum", broken)
-    cfg = TrainConfig(out_dir=str(tmp_path / "nan"), max_steps=50, lr=5e-3, seed=0)
+    monkeypatch.setattr(model, "forward", broken)
     with pytest.raises(FloatingPointError, match="in a row"):
-        train_loop.train(model, plan, cfg, show_progress=False)
+        train_loop.train(model, plan, _run_config(tmp_path, max_steps=50), show_progress=False)
     assert len(calls) == train_loop.MAX_BAD_STEPS_IN_A_ROW
     from phicore.train.checkpoint import list_checkpoints
 
@@ -421,8 +428,7 @@ def test_schedule_values():
 
 
 def test_seed000_flag_spellings_and_defaults():
-    parser = train.build_parser()
-    args = parser.parse_args([
+    args = RunConfig.from_command_line([
         "--dataset_path", "d.jsonl", "--output_dir", "o", "--batch_size", "3", "--gradient_accumulation_steps", "5",
         "--learning_rate", "1e-3", "--warmup_ratio", "0.1", "--lora_r", "4", "--lora_alpha", "8",
         "--lora_dropout", "0.0", "--max_length", "77", "--no-gradient_checkpointing", "--torch_compile"])
@@ -430,9 +436,10 @@ def test_seed000_flag_spellings_and_defaults():
         "d.jsonl", "o", 3, 5, 1e-3, 0.1)
     assert (args.lora_r, args.lora_alpha, args.lora_dropout, args.max_length) == (4, 8, 0.0, 77)
     assert args.grad_checkpointing is False and args.compile is True
-    assert parser.parse_args(["--data", "d", "--gradient_checkpointing"]).grad_checkpointing is True
+    assert RunConfig.from_command_line(["--data", "d", "--gradient_checkpointing"]).grad_checkpointing is True
 
-    d = parser.parse_args(["--data", "d.jsonl"])  # the issue's defaults (lr None: 2e-4, tiny presets 2e-3)
+    d = RunConfig.from_command_line(["--data", "d.jsonl"])  # the issue's defaults (lr: 2e-4, tiny presets 2e-3)
     assert (d.lr, d.warmup_ratio, d.scheduler, d.lora_r, d.lora_alpha, d.lora_dropout, d.epochs, d.max_length) == (
-        None, 0.05, "cosine", 16, 32, 0.05, 3, 1024)
+        2e-4, 0.05, "cosine", 16, 32, 0.05, 3, 1024)
     assert d.grad_checkpointing is True and d.compile is False and d.targets == "all-linear"
+    assert RunConfig.from_command_line(["--data", "d", "--model", "tiny-phi-2"]).lr == 2e-3

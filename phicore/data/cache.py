@@ -1,6 +1,6 @@
 """A tokenised dataset cache: tokenise a data file once, then memory-map the result.
 
-The first run reads the data file as a stream (`formats.iter_conversations`: a JSON Lines file
+The first run reads the data file as a stream (`files.iter_conversations`: a JSON Lines file
 line by line), tokenises it on every CPU core (worker processes, a tqdm bar) and writes one
 folder of flat arrays; later runs and every data-parallel rank map those files instead of
 tokenising again, and read only the examples of the batch they are building, so resident
@@ -27,6 +27,7 @@ CACHE_DIR: `--data-cache`, else `$PHICORE_CACHE_DIR`, else `$XDG_CACHE_HOME/phic
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -43,9 +44,10 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .collate import IGNORE_INDEX, Example, TokenizeStats, bos_ids, tokenize_conversation
-from .formats import Conversation, iter_conversations
+from .files import iter_conversations
+from .formats import Conversation
 from .prompts import PromptFormat
+from .tokenization import IGNORE_INDEX, Example, TokenizeStats, bos_ids, tokenize_conversation
 
 CACHE_VERSION = 2
 META = "meta.json"
@@ -54,6 +56,7 @@ FILES = {"input_ids": ("input_ids.i32", np.int32), "targets": ("targets.u8", np.
          "lines": ("lines.i64", np.int64)}
 CHUNK_ROWS = 256  # conversations per task sent to a worker
 MIN_ROWS_FOR_WORKERS = 4 * CHUNK_ROWS  # below this, forking costs more than it saves
+TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"  # the tokenizers library's thread-pool switch
 
 
 def default_cache_dir() -> Path:
@@ -233,6 +236,28 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@contextlib.contextmanager
+def _tokenizers_parallelism_off_for_forked_workers():
+    """TOKENIZERS_PARALLELISM=false in the environment while the worker processes are forked,
+    then this process's environment as it was (a value the user set is left alone).
+
+    The workers are the parallelism: each must tokenise on one thread. The tokenizers library
+    reads the variable in a forked child, to keep its own thread pool off there (no deadlock on
+    a pool inherited mid-use) and, in the versions that check, to skip its "the current process
+    just got forked, after parallelism has already been used" warning; so it has to be in the
+    environment the children inherit at fork time. It leaves this process's environment as soon
+    as the workers exist, so nothing else here (later tokenizer calls, subprocesses) sees it.
+    """
+    if TOKENIZERS_PARALLELISM in os.environ:
+        yield
+        return
+    os.environ[TOKENIZERS_PARALLELISM] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(TOKENIZERS_PARALLELISM, None)
+
+
 def _tokenized_chunks(conversations: Iterable[Conversation], workers: int) -> Iterator[tuple]:
     """Chunks tokenised in order: in this process, or on `workers` forked processes with at
     most two chunks a worker in flight (the reader never runs ahead of the writer)."""
@@ -241,14 +266,34 @@ def _tokenized_chunks(conversations: Iterable[Conversation], workers: int) -> It
         for chunk in chunks:
             yield _tokenize_chunk(chunk)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pending: deque = deque()
+    with _tokenizers_parallelism_off_for_forked_workers():
+        pool = multiprocessing.get_context("fork").Pool(workers)  # forks every worker now
+    pending: deque = deque()
+    try:
         for chunk in chunks:
             pending.append(pool.apply_async(_tokenize_chunk, (chunk,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:
+        _shut_down(pool, pending)
+
+
+def _shut_down(pool, pending: deque, grace: float = 30.0) -> None:
+    """Let the chunks in flight finish, then let the workers exit. Not `terminate()` at once (a
+    bad row found while workers run, Ctrl-C): it can kill a worker in the middle of writing
+    its result, and the pool's result thread then waits for the rest of that message forever.
+    A worker that died (Ctrl-C reaches it too) leaves its result unfinished: after `grace`
+    seconds the pool is terminated anyway."""
+    deadline = time.monotonic() + grace
+    for result in pending:
+        result.wait(max(0.0, deadline - time.monotonic()))
+    if all(result.ready() for result in pending):
+        pool.close()
+    else:
+        pool.terminate()
+    pool.join()
 
 
 def build_entry(folder: Path, data_path, key: dict, tokenizer, prompt_format: PromptFormat, *, max_length: int,
@@ -274,7 +319,6 @@ def build_entry(folder: Path, data_path, key: dict, tokenizer, prompt_format: Pr
     tmp.mkdir()
     stats, offset, examples = TokenizeStats(), 0, 0
     _JOB = (tokenizer, prompt_format, max_length, train_on_prompt, bos_ids(tokenizer))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
     started = time.perf_counter()
     try:
         files = {name: (tmp / file).open("wb") for name, (file, _) in FILES.items()}

@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..lora import LoRAMixin, lora_layers, merge_and_unload
-from ..nf4 import NF4Linear
+from ..frozen_linear import FrozenLinear
+from ..lora import LoRALinear, lora_layers, merge_and_unload
 from ..weights import DEFAULT_SHARD_BYTES, atomic_write_text, save_model
 from . import ExportError
 
@@ -39,17 +39,17 @@ QLORA_NOTE = (
 
 
 def dequantize_nf4_layers(model: nn.Module) -> list:
-    """Replace every NF4Linear by an nn.Linear holding its dequantised weight (compute dtype),
-    in place, one layer at a time. Returns the module names replaced."""
+    """Replace every NF4 layer (NF4Linear) by an nn.Linear holding its dequantised weight (compute
+    dtype), in place, one layer at a time. Returns the module names replaced."""
     replaced = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if not isinstance(child, NF4Linear):
+            if not (isinstance(child, FrozenLinear) and child.is_nf4):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, LoRAMixin):
+            if isinstance(child, LoRALinear):
                 raise TypeError(f"{name}: dequantise the base before applying an adapter")
-            weight = child.dequantize()  # (out, in) in the compute dtype
+            weight = child.dense_weight()  # (out, in) in the compute dtype
             dense = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
             dense.weight = nn.Parameter(weight, requires_grad=False)
             if child.bias is not None:

@@ -1,6 +1,22 @@
-"""Training: the loop (loop.py), the learning-rate schedule (schedule.py), checkpoints
-(checkpoint.py) and metrics files (metrics.py)."""
+"""Training: the run's settings (config.py, `RunConfig`), one run end to end (run.py,
+`finetune`), the loop (loop.py) with its step (step.py) and state (state.py), the
+learning-rate schedule (schedule.py), checkpoints (checkpoint.py), metrics files (metrics.py)
+and data parallelism under torchrun (distributed.py)."""
 
-from .loop import TrainConfig, TrainResult, train
+from importlib import import_module
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+_EXPORTS = {
+    "RunConfig": "phicore.train.config",
+    "finetune": "phicore.train.run",
+    "UsageError": "phicore.train.run",
+    "train": "phicore.train.loop",
+    "TrainResult": "phicore.train.state",
+    "TrainerState": "phicore.train.state",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):  # resolved on first use: `import phicore.train.config` stays light
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'phicore.train' has no attribute {name!r}")

@@ -5,8 +5,8 @@ OUT/checkpoint-STEP/ holds
   optimizer.pt                                     AdamW state (tensors only: loads with weights_only)
   rng_state.pt                                     torch CPU (and CUDA) generator states; in a
                                                    data-parallel run, every rank's under "ranks"
-  trainer_state.json                               step, epoch, batch position, best val loss, ...
-  run_config.json                                  the run's full configuration
+  trainer_state.json                               TrainerState: step, epoch, batch position, best val loss, ...
+  run_config.json                                  the run's RunConfig (a valid train.py --config)
 A checkpoint is written under a temporary name and renamed when complete, so a crash never
 leaves a half-written checkpoint that `--resume auto` would pick.
 
@@ -26,8 +26,10 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from ..lora import PEFT_PREFIX, adapter_state_dict, save_adapter
+from ..lora import adapter_state_dict
+from ..peft_io import PEFT_PREFIX, save_adapter
 from .distributed import DistContext, copy_full_into
+from .state import TrainerState
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -74,12 +76,12 @@ def _set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def save_checkpoint(out_dir, step: int, model, optimizer, trainer_state: dict, run_config: dict,
+def save_checkpoint(out_dir, state: TrainerState, model, optimizer, run_config: dict,
                     keep_last: Optional[int] = None, dist: Optional[DistContext] = None) -> Path:
-    """Write checkpoint-STEP atomically (temporary folder, then rename); keep the last K.
-    With `dist`, every rank must call it (see the module docstring)."""
+    """Write checkpoint-STEP atomically (temporary folder, then rename); keep the last
+    `keep_last` (0 or None: all). With `dist`, every rank must call it (see the module docstring)."""
     dist = dist or DistContext()
-    final = checkpoint_dir(out_dir, step)
+    final = checkpoint_dir(out_dir, state.step)
     rng = _rng_state()
     ranks = dist.all_gather_object(rng) if dist.enabled else None
     optimizer_state = dist.gather_optimizer_state(optimizer)
@@ -92,8 +94,8 @@ def save_checkpoint(out_dir, step: int, model, optimizer, trainer_state: dict, r
             torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save({**rng, "ranks": ranks} if ranks else rng, tmp / "rng_state.pt")
             (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str), encoding="utf-8")
-            state = {**trainer_state, "world_size": dist.world_size}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")  # last: marks complete
+            saved_state = {**state.to_dict(), "world_size": dist.world_size}
+            (tmp / STATE_FILE).write_text(json.dumps(saved_state, indent=2), encoding="utf-8")  # last: marks complete
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..lora import lora_layers, save_adapter
+from ..lora import lora_layers
+from ..peft_io import save_adapter
 
 
 class DistributedSetupError(ValueError):

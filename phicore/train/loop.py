@@ -1,18 +1,18 @@
-"""The training loop: one readable function, `train`.
+"""The training loop: `train`, a step (step.py) and the work between steps (`BetweenSteps`).
 
-Per optimizer step it takes `grad_accum` micro-batches, counts their target tokens first,
-and backpropagates each micro-batch's summed token loss divided by that count, so the
-gradient equals one big batch's token-mean loss however the step is split. Then it clips,
-sets the learning rate from the pure schedule, and steps AdamW over the adapter parameters.
-Evaluation, checkpoints and metrics happen between steps, never inside one.
+    while steps remain:
+        outcome = train_step(next grad_accum micro-batches)      # forward, backward, AdamW
+        state.advance(...)                                         # TrainerState: step, data position
+        stop = between.after_step(state, outcome, ctrl_c)          # metrics, eval + best/, checkpoint, stop?
+
+Between steps, in this order: the metrics row; a non-finite step is skipped with a warning
+(five in a row: checkpoint the still-finite adapter and stop); evaluation when due, with
+best/ and early stopping; the periodic checkpoint; then stopping on Ctrl-C (every rank
+agrees, a checkpoint is written) or at `stop_after` (a checkpoint, to be resumed).
 
 Data parallel (`dist`, from `torchrun`; see distributed.py): each rank takes its share of
-every global batch (`BatchPlan(rank=, world_size=)`), the step's target-token count is summed
-over the ranks before any backward, each rank backpropagates its summed loss divided by that
-global count, and the gradients are summed across ranks: exactly the gradient of one process
-with the whole global batch. Only rank 0 writes metrics, best/ and checkpoint files; every
-rank saves and restores its own RNG state. Stopping (Ctrl-C, `stop_after`) is agreed by all
-ranks at the end of a step.
+every global batch (`BatchPlan(rank=, world_size=)`); only rank 0 writes metrics, best/ and
+checkpoint files; every rank saves and restores its own RNG state.
 """
 
 from __future__ import annotations
@@ -20,104 +20,199 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data.collate import BatchPlan
-from ..loss import causal_lm_loss_sum
+from ..data.batch_plan import BatchPlan
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig
 from .distributed import DistContext
 from .metrics import MetricsLog
 from .schedule import lr_at, warmup_steps_for
+from .state import TrainerState, TrainResult
+from .step import StepOutcome, autocast_for, evaluate, train_step
 
 MAX_BAD_STEPS_IN_A_ROW = 5
 
 
-@dataclass
-class TrainConfig:
-    out_dir: str = "out"
-    epochs: float = 3
-    max_steps: Optional[int] = None  # overrides epochs when set
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup_ratio: float = 0.05
-    warmup_steps: int = 0  # overrides warmup_ratio when > 0
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
-    eval_every: Optional[int] = None  # default: once per epoch when there is validation data
-    save_every: Optional[int] = None
-    keep_last: Optional[int] = 2
-    early_stopping_patience: Optional[int] = None
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast for the two halves)
-    seed: int = 42
-    fsdp: bool = False  # shard base and adapter with FSDP2 (data-parallel runs)
-    stop_after: Optional[int] = None  # write a checkpoint and stop once this many steps are done
-    log_every: int = 1
-    run_config: dict = field(default_factory=dict)  # everything the CLI knows, saved with checkpoints
+def total_steps_for(config: RunConfig, micro_batches_per_epoch: int) -> int:
+    """Optimizer steps of the whole run: --max-steps, else --epochs over the data."""
+    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / config.grad_accum))
+    return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    interrupted: bool = False
-    paused: bool = False  # stopped at cfg.stop_after with a checkpoint, to be resumed
-    stopped_early: bool = False
-    best_val_loss: Optional[float] = None
-    final_loss: Optional[float] = None
-    tokens: int = 0
-    seconds: float = 0.0
-    peak_memory_bytes: int = 0
-    history: list = field(default_factory=list)
+def train(model, train_plan: BatchPlan, config: RunConfig, *, val_plan: Optional[BatchPlan] = None,
+          resume_from: Optional[Path] = None, device=None, show_progress: bool = True,
+          dist: Optional[DistContext] = None) -> TrainResult:
+    """Train the model's trainable (adapter) parameters; write checkpoints, metrics, best/.
 
-
-def token_loss_sum(model, batch) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens of one batch (fp32 scalar).
-
-    The model computes it in token chunks (phicore.loss), so the (tokens x vocab) logits never
-    exist in full; it runs inside the model's forward, where DDP and FSDP2 hooks apply.
+    The final adapter is NOT written here: the caller saves it with whatever else belongs next
+    to it (tokenizer, run record); with `dist`, through `dist.save_adapter` (after FSDP2 the
+    adapter is sharded across the ranks).
     """
-    return causal_lm_loss_sum(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels,
-                              batch.document_ids)
+    dist = dist or DistContext()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("train: the model has no trainable parameters (apply LoRA first)")
+    engine = dist.wrap(model, device, fsdp=config.fsdp)  # forward/backward through this
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 shards them
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    autocast_dtype, needs_scaler = autocast_for(device, config.precision)
+    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
+    micro_per_epoch = len(train_plan)
+    total_steps = total_steps_for(config, micro_per_epoch)
+    warmup = warmup_steps_for(total_steps, config.warmup_ratio, config.warmup_steps)
+
+    torch.manual_seed(config.seed + dist.rank)  # dropout: a stream of its own on every rank
+    state = TrainerState()
+    if resume_from is not None:
+        state = TrainerState.from_dict(load_checkpoint(resume_from, model, optimizer, dist))
+    between = BetweenSteps(config, model, optimizer, val_plan, device, autocast_dtype, dist, state,
+                           steps_per_epoch=math.ceil(micro_per_epoch / config.grad_accum), total_steps=total_steps,
+                           micro_per_epoch=micro_per_epoch)
+    if resume_from is not None:
+        between.say(f"resuming from {resume_from} (step {state.step} of {total_steps})")
+    batches = _micro_batches(train_plan, state.epoch, state.batch_in_epoch)
+    result = TrainResult(steps=state.step)
+    started = time.perf_counter()
+    engine.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+               disable=not (show_progress and dist.is_main), dynamic_ncols=True)
+    with bar, StopRequest(grace=5.0 if dist.enabled else 0.0) as ctrl_c:
+        while state.step < total_steps:
+            step_started = time.perf_counter()
+            group = [next(batches) for _ in range(config.grad_accum)]  # (epoch, index, batch)
+            lr = lr_at(state.step, base_lr=config.lr, total_steps=total_steps, warmup_steps=warmup,
+                       kind=config.scheduler)
+            outcome = train_step(engine, [b for _, _, b in group], optimizer=optimizer, params=params, lr=lr,
+                                 max_grad_norm=config.max_grad_norm, device=device, autocast_dtype=autocast_dtype,
+                                 scaler=scaler, dist=dist)
+            state.advance(group[-1][0], group[-1][1], micro_per_epoch, outcome.tokens)
+            row = between.log_step(outcome, time.perf_counter() - step_started, result)
+            bar.update(1)
+            bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            stop = between.after_step(outcome, ctrl_c.requested, result)
+            if stop:
+                break
+    result.steps, result.best_val_loss, result.tokens = state.step, state.best_val_loss, state.tokens_seen
+    result.seconds = time.perf_counter() - started
+    result.peak_memory_bytes = max(dist.all_gather_object(_peak_memory(device)))
+    between.finish()
+    return result
 
 
-def autocast_for(device: torch.device, precision: str):
-    """(autocast context dtype or None, whether a GradScaler is needed)."""
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+def _micro_batches(plan: BatchPlan, epoch: int, start: int):
+    """Yield (epoch, index, batch) from a data position on, epoch after epoch."""
+    while True:
+        for offset, batch in enumerate(plan.batches(epoch, start=start)):
+            yield epoch, start + offset, batch
+        epoch, start = epoch + 1, 0
+
+
+class BetweenSteps:
+    """Everything between two optimizer steps: metrics, evaluation and best/, checkpoints, and
+    the decision to stop. Only rank 0 writes files; every rank takes part in evaluation and
+    checkpoints (collectives)."""
+
+    def __init__(self, config: RunConfig, model, optimizer, val_plan, device, autocast_dtype, dist: DistContext,
+                 state: TrainerState, *, steps_per_epoch: int, total_steps: int, micro_per_epoch: int):
+        self.config, self.model, self.optimizer, self.val_plan = config, model, optimizer, val_plan
+        self.device, self.autocast_dtype, self.dist, self.state = device, autocast_dtype, dist, state
+        self.total_steps, self.micro_per_epoch = total_steps, micro_per_epoch
+        self.out_dir = Path(config.out)
+        if dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out_dir, resume_step=state.step) if dist.is_main else None
+        self.eval_every = config.eval_every or (steps_per_epoch if val_plan is not None else None)
+        self.bad_in_a_row = 0
+        self._saved = {}  # step -> checkpoint path: one write per step however many reasons there are
+
+    def say(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(message)
+
+    def log_step(self, outcome: StepOutcome, seconds: float, result: TrainResult) -> dict:
+        """The step's metrics row: written to the metrics files and kept in the result."""
+        row = {"step": self.state.step, "epoch": self.state.fractional_epoch(self.micro_per_epoch),
+               "loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
+               "tokens_per_s": outcome.tokens / max(seconds, 1e-9)}
+        if self.metrics is not None:
+            self.metrics.log(**row)
+        result.history.append(row)
+        result.final_loss = outcome.loss
+        return row
+
+    def checkpoint(self) -> Path:
+        step = self.state.step
+        if step not in self._saved:
+            self._saved[step] = save_checkpoint(self.out_dir, self.state, self.model, self.optimizer,
+                                                self.config.to_dict(), self.config.keep_last, self.dist)
+        return self._saved[step]
+
+    def after_step(self, outcome: StepOutcome, ctrl_c: bool, result: TrainResult) -> bool:
+        """The work after a step; True when the loop must stop (`result` says why)."""
+        state, config = self.state, self.config
+        self._count_bad_step(outcome)
+        if self.val_plan is not None and self.eval_every and (
+                state.step % self.eval_every == 0 or state.step == self.total_steps):
+            if self._evaluate():
+                self.say(f"early stopping: no val improvement in {config.early_stopping_patience} evaluations")
+                result.stopped_early = True
+                self.checkpoint()
+                return True
+        if config.save_every and state.step % config.save_every == 0:
+            self.checkpoint()
+        if self.dist.all_reduce_sum([float(ctrl_c)])[0] if self.dist.enabled else ctrl_c:
+            self.say(f"interrupted: checkpoint saved to {self.checkpoint()}; continue with --resume auto")
+            result.interrupted = True
+            return True
+        if config.stop_after and config.stop_after <= state.step < self.total_steps:
+            self.say(f"stopped after {state.step} steps as asked (--stop-after): checkpoint saved to "
+                     f"{self.checkpoint()}; continue with --resume auto")
+            result.paused = True
+            return True
+        return False
+
+    def _count_bad_step(self, outcome: StepOutcome) -> None:
+        """A non-finite step was skipped: warn; too many in a row: keep the (still finite) adapter
+        in a checkpoint and stop with FloatingPointError."""
+        if outcome.finite:
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row += 1
+        self.say(f"warning: step {self.state.step}: loss or gradient is {outcome.loss} / {outcome.grad_norm}; "
+                 "step skipped")
+        if self.bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
+            self.checkpoint()
+            raise FloatingPointError(f"{self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient; "
+                                     "stopping. Try a lower --lr, --max-grad-norm, or fp32/bf16 instead of fp16.")
+
+    def _evaluate(self) -> bool:
+        """Validation loss, metrics, best/; True when early stopping's patience ran out."""
+        state = self.state
+        val_loss = evaluate(self.model, self.val_plan, self.device, self.autocast_dtype, self.dist)
+        perplexity = math.exp(min(val_loss, 50))
+        if self.metrics is not None:
+            self.metrics.log(step=state.step, epoch=state.fractional_epoch(self.micro_per_epoch), val_loss=val_loss,
+                             val_perplexity=perplexity)
+        self.say(f"step {state.step}: val loss {val_loss:.4f} (perplexity {perplexity:.2f})")
+        if state.best_val_loss is None or val_loss < state.best_val_loss:
+            state.best_val_loss, state.evals_without_gain = val_loss, 0
+            self.dist.save_adapter(self.model, self.out_dir / "best")
         else:
-            precision = "fp32"  # CPUs here have no fast half-precision units
-    if precision == "fp32":
-        return None, False
-    if precision not in ("bf16", "fp16"):
-        raise ValueError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return dtype, precision == "fp16" and device.type == "cuda"
+            state.evals_without_gain += 1
+        patience = self.config.early_stopping_patience
+        return bool(patience) and state.evals_without_gain >= patience
+
+    def finish(self) -> None:
+        if self.metrics is not None:
+            self.metrics.plot()
 
 
-@torch.no_grad()
-def evaluate(model, plan: BatchPlan, device, autocast_dtype, dist: Optional[DistContext] = None) -> float:
-    """Token-mean validation loss over the whole plan (over every rank's share of it)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in plan.batches(epoch=0):
-        batch = batch.to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            total += float(token_loss_sum(model, batch))
-        count += batch.num_target_tokens
-    model.train(was_training)
-    if dist is not None:
-        total, count = dist.all_reduce_sum([total, count])
-    return total / max(count, 1)
-
-
-class _StopRequest:
+class StopRequest:
     """Turns Ctrl-C into a flag checked between steps, so the step in flight finishes and a
     checkpoint is written before the loop exits. A second Ctrl-C interrupts at once, unless
     it follows the first within `grace` seconds: under torchrun every rank gets the terminal's
@@ -156,169 +251,3 @@ def _peak_memory(device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     except ImportError:
         return 0
-
-
-def train(model, train_plan: BatchPlan, cfg: TrainConfig, val_plan: Optional[BatchPlan] = None,
-          resume_from: Optional[Path] = None, device=None, show_progress: bool = True,
-          dist: Optional[DistContext] = None) -> TrainResult:
-    """Train the model's trainable (adapter) parameters; write checkpoints, metrics, best/.
-
-    Returns a TrainResult. The final adapter is NOT written here: the caller saves it with
-    whatever else belongs next to it (tokenizer, configs); with `dist`, through
-    `dist.save_adapter` (after FSDP2 the adapter is sharded across the ranks).
-    """
-    dist = dist or DistContext()
-    main = dist.is_main
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    out_dir = Path(cfg.out_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("train: the model has no trainable parameters (apply LoRA first)")
-    engine = dist.wrap(model, device, fsdp=cfg.fsdp)  # forward/backward through this
-    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP2 shards them
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    autocast_dtype, needs_scaler = autocast_for(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
-
-    micro_per_epoch = len(train_plan)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = warmup_steps_for(total_steps, cfg.warmup_ratio, cfg.warmup_steps)
-    eval_every = cfg.eval_every or (steps_per_epoch if val_plan is not None else None)
-
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "evals_without_gain": 0,
-             "tokens_seen": 0}
-    torch.manual_seed(cfg.seed + dist.rank)  # dropout: a stream of its own on every rank
-    if resume_from is not None:
-        state.update(load_checkpoint(resume_from, model, optimizer, dist))
-    metrics = MetricsLog(out_dir, resume_step=state["step"]) if main else None
-    run_config = {**cfg.run_config, "train": asdict(cfg) | {"run_config": None}, "total_steps": total_steps,
-                  "world_size": dist.world_size}
-    say = tqdm.write if main else (lambda message: None)
-
-    def micro_batches():
-        """Yield (epoch, index, batch) from the saved position on, epoch after epoch."""
-        epoch, start = state["epoch"], state["batch_in_epoch"]
-        while True:
-            for offset, batch in enumerate(train_plan.batches(epoch, start=start)):
-                yield epoch, start + offset, batch
-            epoch, start = epoch + 1, 0
-
-    saved = {}  # step -> checkpoint path: one write per step however many reasons there are
-
-    def checkpoint():
-        if state["step"] not in saved:
-            saved[state["step"]] = save_checkpoint(out_dir, state["step"], model, optimizer, state, run_config,
-                                                   cfg.keep_last, dist)
-        return saved[state["step"]]
-
-    result = TrainResult(steps=state["step"])
-    stream = micro_batches()
-    engine.train()
-    started = time.perf_counter()
-    bad_in_a_row = 0
-    bar = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step",
-               disable=not (show_progress and main), dynamic_ncols=True)
-    with _StopRequest(grace=5.0 if dist.enabled else 0.0) as stop:
-        while state["step"] < total_steps:
-            step_started = time.perf_counter()
-            group = [next(stream) for _ in range(cfg.grad_accum)]
-            # the step's target tokens on every rank: each loss is divided by the global count
-            num_targets = int(dist.all_reduce_sum([sum(b.num_target_tokens for _, _, b in group)])[0])
-            num_tokens = sum(b.num_tokens for _, _, b in group)
-            optimizer.zero_grad(set_to_none=True)
-            loss_total = 0.0
-            for i, (_, _, batch) in enumerate(group):
-                batch = batch.to(device)
-                with dist.no_sync(engine, sync=i == len(group) - 1):
-                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        loss = token_loss_sum(engine, batch) / max(num_targets, 1)
-                    (scaler.scale(loss) if scaler else loss).backward()
-                loss_total += float(loss.detach())
-
-            lr = lr_at(state["step"], base_lr=cfg.lr, total_steps=total_steps, warmup_steps=warmup, kind=cfg.scheduler)
-            for group_params in optimizer.param_groups:
-                group_params["lr"] = lr
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
-                grad_norm = grad_norm.full_tensor()
-            # the step's loss and tokens over all ranks, and whether any rank was asked to stop
-            loss_total, num_tokens, stop_votes = dist.all_reduce_sum([loss_total, num_tokens, float(stop.requested)])
-            num_tokens = int(num_tokens)
-            finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
-            if scaler:  # fp16: the scaler skips non-finite steps itself and lowers its scale
-                scaler.step(optimizer)
-                scaler.update()
-            elif finite:
-                optimizer.step()
-            last_epoch, last_index, _ = group[-1]
-            state["epoch"], state["batch_in_epoch"] = last_epoch, last_index + 1
-            if state["batch_in_epoch"] >= micro_per_epoch:
-                state["epoch"], state["batch_in_epoch"] = last_epoch + 1, 0
-            if not finite and not scaler:
-                bad_in_a_row += 1
-                say(f"warning: step {state['step'] + 1}: loss or gradient is {loss_total} / "
-                    f"{float(grad_norm)}; step skipped")
-                if bad_in_a_row >= MAX_BAD_STEPS_IN_A_ROW:
-                    bar.close()
-                    checkpoint()  # the adapter is still finite: keep the work done so far
-                    raise FloatingPointError(
-                        f"{bad_in_a_row} steps in a row had a NaN/inf loss or gradient; stopping. "
-                        "Try a lower --lr, --max-grad-norm, or fp32/bf16 instead of fp16."
-                    )
-            else:
-                bad_in_a_row = 0
-            state["step"] += 1
-            state["tokens_seen"] += num_tokens
-            seconds = time.perf_counter() - step_started
-            row = {"step": state["step"], "epoch": round(state["epoch"] + state["batch_in_epoch"] / micro_per_epoch, 4),
-                   "loss": loss_total, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": num_tokens / max(seconds, 1e-9)}
-            if metrics is not None and state["step"] % cfg.log_every == 0:
-                metrics.log(**row)
-            result.history.append(row)
-            result.final_loss = loss_total
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-
-            if val_plan is not None and eval_every and (state["step"] % eval_every == 0 or state["step"] == total_steps):
-                val_loss = evaluate(model, val_plan, device, autocast_dtype, dist)
-                if metrics is not None:
-                    metrics.log(step=state["step"], epoch=row["epoch"], val_loss=val_loss,
-                                val_perplexity=math.exp(min(val_loss, 50)))
-                say(f"step {state['step']}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f})")
-                if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-                    state["best_val_loss"], state["evals_without_gain"] = val_loss, 0
-                    dist.save_adapter(model, out_dir / "best")
-                else:
-                    state["evals_without_gain"] += 1
-                if cfg.early_stopping_patience and state["evals_without_gain"] >= cfg.early_stopping_patience:
-                    say(f"early stopping: no val improvement in {cfg.early_stopping_patience} evaluations")
-                    result.stopped_early = True
-                    checkpoint()
-                    break
-            if cfg.save_every and state["step"] % cfg.save_every == 0:
-                checkpoint()
-            if stop_votes:
-                path = checkpoint()
-                say(f"interrupted: checkpoint saved to {path}; continue with --resume auto")
-                result.interrupted = True
-                break
-            if cfg.stop_after and state["step"] >= cfg.stop_after and state["step"] < total_steps:
-                path = checkpoint()
-                say(f"stopped after {state['step']} steps as asked (--stop-after): checkpoint saved to {path}; "
-                    "continue with --resume auto")
-                result.paused = True
-                break
-    bar.close()
-    result.steps = state["step"]
-    result.best_val_loss = state["best_val_loss"]
-    result.tokens = state["tokens_seen"]
-    result.seconds = time.perf_counter() - started
-    result.peak_memory_bytes = max(dist.all_gather_object(_peak_memory(device)))
-    if metrics is not None:
-        metrics.plot()
-    return result

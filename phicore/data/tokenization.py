@@ -1,0 +1,182 @@
+"""Conversations -> training examples: token ids and loss labels (`tokenize_dataset`).
+
+`tokenize_dataset` turns conversations into `Example(input_ids, labels)`:
+
+- Segments from a `PromptFormat` are tokenised as one text, so tokens across a segment boundary
+  are what the tokenizer makes of the whole string. Each boundary is placed after
+  `encode(text[:boundary])`, i.e. the prompt tokens are exactly the tokens that generation will
+  feed (when the tokenizer merges across a boundary, the longest common prefix is used).
+- `labels` are the token ids on target tokens and -100 elsewhere (prompt tokens are targets too
+  with `train_on_prompt=True`). The first token's label is always -100: nothing predicts it, and
+  in a packed row this keeps one example from being trained to predict the next.
+- BOS is prepended when the tokenizer's `encode(..., add_special_tokens=True)` adds one and the
+  text does not already start with it (Phi-3-mini's chat template writes `<s>` itself).
+- An EOS segment becomes `tokenizer.eos_token_id`, a target.
+- Rows longer than `max_length` are cut at the end (counted in `stats.truncated`); rows left
+  with no target token are dropped (counted in `stats.dropped_no_target`).
+
+Labels are NOT shifted: `labels[b, t]` is the label of `input_ids[b, t]`; the trainer compares
+`logits[:, :-1]` with `labels[:, 1:]`. `tokenize_conversation` is the one place a record
+becomes tokens, for in-memory datasets and the dataset cache's workers alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .formats import Conversation, DataError
+from .prompts import PromptFormat, Segment
+
+IGNORE_INDEX = -100  # the label of a token that takes no loss (F.cross_entropy's default)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    source: tuple[str, int] = ("<memory>", 0)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_targets(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class TokenizeStats:
+    total: int = 0  # conversations seen
+    kept: int = 0  # examples returned
+    truncated: int = 0  # rows cut to max_length (kept or not)
+    dropped_no_target: int = 0  # rows with no target token left (after truncation)
+    target_tokens: int = 0
+    tokens: int = 0
+
+    def count(self, num_tokens: int, num_targets: int, truncated: bool) -> bool:
+        """Count one tokenised row; True when it is kept (it has a target token left)."""
+        self.truncated += truncated
+        if num_targets == 0:
+            self.dropped_no_target += 1
+            return False
+        self.kept += 1
+        self.tokens += num_tokens
+        self.target_tokens += num_targets
+        return True
+
+    def summary(self) -> str:
+        return (f"{self.kept}/{self.total} examples, {self.tokens} tokens ({self.target_tokens} "
+                f"targets); {self.truncated} truncated, {self.dropped_no_target} dropped with no target left")
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """The ids `tokenizer.encode(text, add_special_tokens=True)` puts before the text."""
+    with_special = tokenizer.encode("a", add_special_tokens=True)
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start:start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
+
+
+def _add_bos(ids: list[int], bos: list[int]) -> list[int]:
+    return ids if not bos or ids[:len(bos)] == bos else bos + ids
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Ids for a generation prompt, with BOS handled exactly as in training."""
+    return _add_bos(tokenizer.encode(text, add_special_tokens=False), bos_ids(tokenizer))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _encode_run(tokenizer, segments: list[Segment]) -> list[tuple[list[int], bool]]:
+    """Encode consecutive text segments as one string; split the ids at segment boundaries."""
+    text = "".join(s.text for s in segments)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces, start_tok, chars = [], 0, 0
+    for i, seg in enumerate(segments):
+        chars += len(seg.text)
+        if i == len(segments) - 1:
+            end_tok = len(ids)
+        else:
+            end_tok = _common_prefix(ids, tokenizer.encode(text[:chars], add_special_tokens=False))
+        end_tok = max(end_tok, start_tok)
+        pieces.append((ids[start_tok:end_tok], seg.is_target))
+        start_tok = end_tok
+    return pieces
+
+
+def tokenize_segments(segments: Sequence[Segment], tokenizer, train_on_prompt: bool = False,
+                      bos: Optional[list[int]] = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for segments; see the module docstring. `bos`: from `bos_ids`."""
+    merged: list[Segment] = []  # join neighbours with the same role: fewer prefix encodes
+    for seg in segments:
+        if merged and not seg.is_eos and not merged[-1].is_eos and merged[-1].is_target == seg.is_target:
+            merged[-1] = Segment(merged[-1].text + seg.text, seg.is_target)
+        elif seg.text or seg.is_eos:
+            merged.append(seg)
+    pieces: list[tuple[list[int], bool]] = []
+    run: list[Segment] = []
+    for seg in merged + [None]:
+        if seg is None or seg.is_eos:
+            if run:
+                pieces += _encode_run(tokenizer, run)
+                run = []
+            if seg is not None:
+                if tokenizer.eos_token_id is None:
+                    raise ValueError("the tokenizer has no EOS token")
+                pieces.append(([tokenizer.eos_token_id], True))
+        else:
+            run.append(seg)
+    ids, labels = [], []
+    for piece, is_target in pieces:
+        ids += piece
+        labels += piece if (is_target or train_on_prompt) else [IGNORE_INDEX] * len(piece)
+    bos = bos_ids(tokenizer) if bos is None else bos
+    if bos and ids[:len(bos)] != bos:
+        ids = bos + ids
+        labels = [IGNORE_INDEX] * len(bos) + labels
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return ids, labels
+
+
+def tokenize_conversation(conv: Conversation, fmt: PromptFormat, tokenizer, max_length: int,
+                          train_on_prompt: bool = False,
+                          bos: Optional[list[int]] = None) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) for one conversation, cut to `max_length` tokens.
+
+    The one place a record becomes tokens: `tokenize_dataset` and the dataset cache's worker
+    processes both call it, so cached and in-memory examples are the same.
+    """
+    try:
+        segments = fmt.segments(conv)
+    except ValueError as e:  # e.g. a chat template that drops a turn: say which record
+        raise DataError(f"{conv.source[0]}:{conv.source[1]}: {e}") from None
+    ids, labels = tokenize_segments(segments, tokenizer, train_on_prompt, bos)
+    if len(ids) > max_length:
+        return ids[:max_length], labels[:max_length], True
+    return ids, labels, False
+
+
+def tokenize_dataset(conversations: Sequence[Conversation], fmt: PromptFormat, tokenizer,
+                     max_length: int, train_on_prompt: bool = False) -> tuple[list[Example], TokenizeStats]:
+    """Conversations -> examples no longer than `max_length`, and what was cut or dropped."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    bos = bos_ids(tokenizer)
+    stats, out = TokenizeStats(total=len(conversations)), []
+    for conv in conversations:
+        ids, labels, truncated = tokenize_conversation(conv, fmt, tokenizer, max_length, train_on_prompt, bos)
+        example = Example(ids, labels, conv.source)
+        if stats.count(len(ids), example.num_targets, truncated):
+            out.append(example)
+    return out, stats
