@@ -9,20 +9,26 @@
     python infer.py --adapter out/ --gguf model.gguf --gguf-type q8_0 # llama.cpp file
 
 The adapter folder is train.py's --out: the base model, prompt template and quantisation are
-read from it, so prompts are formatted exactly as in training. Bad input (adapter folder, base,
-flags, prompts file, export target) prints one line and exits 2 before anything is written.
+read from it, so prompts are formatted exactly as in training. Bad input (adapter folder, base
+model files, flags, prompts, export target) prints one line and exits 2 before anything is
+written; an output that cannot be written (disk full, read-only folder) prints one line naming
+the path and exits 1, as does running out of GPU memory. --debug adds the traceback to those
+lines; any other error is a bug and shows its traceback anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 from phicore.export import ExportError
-from phicore.inference import GenerationSettings, InferenceError, load_session, read_prompts
+from phicore.inference import GenerationSettings, InferenceError, check_text, load_session, read_prompts
 from phicore.settings import SettingsError, build_parser, cli_values, normalize_argv, setting
 from phicore.weights import DTYPE_NAMES
 
@@ -51,6 +57,8 @@ class InferOptions:
                           choices=("stacked", "side"))
     stream: bool = setting(True, "print answers token by token (--no-stream: when complete)", section="output")
     quiet: bool = setting(False, "no loading messages or progress bars", section="output")
+    debug: bool = setting(False, "show the traceback of known errors too (bad input, unwritable output)",
+                          section="output")
     device: Optional[str] = setting(None, "cpu, cuda, cuda:1, mps (default: the best available)", section="device")
     dtype: Optional[str] = setting(None, "default: fp32 on CPU, bf16 on GPU", section="device", choices=DTYPE_NAMES)
     quantize: Optional[str] = setting(None, "hold the base in 4-bit NF4 (default: as the adapter was trained)",
@@ -88,6 +96,34 @@ class InferOptions:
         return bool(self.merge or self.gguf)
 
 
+class OutputError(Exception):
+    """An output that could not be written (disk full, read-only or missing folder): one line
+    naming the flag, the path and the system's reason; CLI exit 1."""
+
+
+@contextlib.contextmanager
+def writing(flag: str, path):
+    """Turn an OSError while writing `path` into an OutputError naming the flag and path."""
+    try:
+        yield
+    except OSError as err:
+        raise OutputError(f"{flag} {path}: cannot write ({err.strerror or err})") from err
+
+
+def check_writable(flag: str, path) -> None:
+    """OutputError, before anything is loaded, when `path` can certainly not be written: its
+    nearest existing folder is on a read-only file system or not writable by this user."""
+    folder = Path(path).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{flag} {path}: cannot write ({folder} is not a folder)")
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise OutputError(f"{flag} {path}: cannot write (read-only file system at {folder})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: cannot write (permission denied in {folder})")
+
+
 def parse_command_line(argv=None) -> tuple:
     """(InferOptions, GenerationSettings) from the flags; SettingsError names a bad one."""
     parser = build_parser([InferOptions, GenerationSettings], prog="infer.py", description=DESCRIPTION,
@@ -105,14 +141,24 @@ def _check_targets(args, interactive: bool) -> None:
     if not asked and not interactive:
         raise InferenceError("nothing to do: give --prompt or --prompts-file (stdin is not a terminal for a chat; "
                              "--prompts-file - reads prompts from it), or --merge / --gguf")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
+    if args.system is not None:
+        check_text(args.system, "--system")
+    if args.output:
+        if Path(args.output).is_dir():
+            raise InferenceError(f"--output {args.output}: is a folder; give a file name such as answers.jsonl")
+        check_writable("--output", args.output)
     if args.merge:
         check_target_folder(args.merge)
+        check_writable("--merge", args.merge)
     if args.gguf:
         from phicore.export.gguf import import_gguf
 
         import_gguf()
         if Path(args.gguf).is_dir():
             raise InferenceError(f"--gguf {args.gguf}: is a folder; give a file name such as model.gguf")
+        check_writable("--gguf", args.gguf)
 
 
 def _write_jsonl(path: str, results) -> None:
@@ -124,8 +170,9 @@ def _write_jsonl(path: str, results) -> None:
         if r.base is not None:
             record["base_response"] = r.base.text
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(path), "".join(lines))
+    with writing("--output", path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(path), "".join(lines))
 
 
 def _export(args, session, log) -> None:
@@ -135,19 +182,23 @@ def _export(args, session, log) -> None:
     if session.info.quantized:
         log(qlora_note(session.model.dtype))
     if args.merge:
-        save_merged(session.model, session.tokenizer, args.merge, stop_ids=session.stop_ids,
-                    max_shard_bytes=args.max_shard_bytes)
+        with writing("--merge", args.merge):
+            save_merged(session.model, session.tokenizer, args.merge, stop_ids=session.stop_ids,
+                        max_shard_bytes=args.max_shard_bytes)
         log(f"merged model written to {args.merge}")
     if args.gguf:
         from phicore.export.gguf import find_sentencepiece_model, write_gguf
 
         spm = find_sentencepiece_model([session.info.directory, session.info.base_model])
-        write_gguf(session.model, session.tokenizer, args.gguf, args.gguf_type, name=Path(args.gguf).stem,
-                   sentencepiece_model=spm, show_progress=not args.quiet, warn=log)
+        with writing("--gguf", args.gguf):
+            write_gguf(session.model, session.tokenizer, args.gguf, args.gguf_type, name=Path(args.gguf).stem,
+                       sentencepiece_model=spm, show_progress=not args.quiet, warn=log)
         log(f"GGUF ({args.gguf_type}) written to {args.gguf}")
 
 
 def main(argv=None, *, stdin=None, stdout=None) -> int:
+    """infer.py: 0 done, 2 bad input, 1 an output that could not be written or out of (GPU) memory,
+    130 Ctrl-C."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     try:
         args, settings = parse_command_line(argv)
@@ -159,14 +210,32 @@ def main(argv=None, *, stdin=None, stdout=None) -> int:
         if not args.quiet or message.startswith(("warning", "note")):
             print(message, file=sys.stderr)
 
+    def fail(err: BaseException, code: int, message: Optional[str] = None) -> int:
+        if args.debug:
+            traceback.print_exception(type(err), err, err.__traceback__)
+        print(f"error: {message or err}", file=sys.stderr)
+        return code
+
     try:
         _check_targets(args, interactive=stdin.isatty())
         prompts = read_prompts(args.prompts_file, stdin) if args.prompts_file is not None else None
         session = load_session(args.adapter, base=args.base, device=args.device, dtype=args.dtype,
                                quantize=args.quantize, dense=args.exporting, warn=log)
-    except (InferenceError, ExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        _run(args, settings, session, prompts, stdout, log)
+    except (InferenceError, ExportError) as err:  # bad input
+        return fail(err, 2)
+    except OutputError as err:  # an output that could not be written
+        return fail(err, 1)
+    except _out_of_memory() as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        return fail(err, 1, f"out of memory ({first}); try a smaller --batch-size or --max-new-tokens, "
+                            "--quantize nf4, or another --device")
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _run(args, settings, session, prompts, stdout, log) -> None:
     from phicore.console import Console
 
     log(f"base {session.info.base_model} ({session.model.dtype}, {session.model.device}), "
@@ -174,24 +243,25 @@ def main(argv=None, *, stdin=None, stdout=None) -> int:
         + (f" and {session.text_stops}" if session.text_stops else ""))
     console = Console(session, settings, stdout, compare=args.compare, layout=args.layout, stream=args.stream,
                       system=args.system, batch_size=args.batch_size)
-    try:
-        if args.prompt is not None:
-            console.answer(args.prompt)
-        elif prompts is not None:
-            results = console.answer_all(prompts)
-            if args.output:
-                _write_jsonl(args.output, results)
-                log(f"answers written to {args.output}")
-        elif not args.exporting:
-            console.chat()
-        if args.exporting:
-            _export(args, session, log)
-    except (InferenceError, ExportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    if args.prompt is not None:
+        console.answer(args.prompt)
+    elif prompts is not None:
+        results = console.answer_all(prompts)
+        if args.output:
+            _write_jsonl(args.output, results)
+            log(f"answers written to {args.output}")
+    elif not args.exporting:
+        console.chat()
+    if args.exporting:
+        _export(args, session, log)
+
+
+def _out_of_memory() -> tuple:
+    """torch's out-of-memory error (a GPU allocation that failed); evaluated only while an
+    exception is being handled."""
+    import torch
+
+    return (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ Two spellings of the rotary settings exist on the hub and are both accepted:
   `su` / `longrope` / `yarn` (all meaning longrope for Phi-3),
 - transformers 5: `rope_parameters` with `rope_type`, `rope_theta`, `partial_rotary_factor`,
   `short_factor`, `long_factor`, and optionally `factor` / `attention_factor`.
+
+A config.json is checked once, when the `ModelConfig` is built (`__post_init__`): every field
+must have its JSON type (an integer, not `"128"`; a bool, not `"false"`) and a usable value
+(positive sizes, heads that divide the hidden size, token ids inside the vocabulary, finite
+rotary settings). A bad one raises `ConfigError` naming the config.json field.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class Layout:
     final_norm_name: str  # "final_layernorm" or "norm"
     eps_key: str  # which config.json field holds the norm epsilon
     upcast_attention: bool  # Phi-2 overflows fp16 in QK^T: compute attention in fp32 then
+    activations: tuple  # hidden_act spellings of the one activation the MLP computes
 
 
 LAYOUTS = {
@@ -58,17 +64,28 @@ LAYOUTS = {
         norm="layernorm", parallel_block=True, fused_qkv=False, gated_mlp=False,
         linear_bias=True, lm_head_bias=True, attn_out_name="dense", mlp_in_name="fc1",
         mlp_out_name="fc2", final_norm_name="final_layernorm", eps_key="layer_norm_eps",
-        upcast_attention=True,
+        upcast_attention=True, activations=("gelu_new", "gelu_pytorch_tanh"),
     ),
     "phi3": Layout(
         norm="rmsnorm", parallel_block=False, fused_qkv=True, gated_mlp=True,
         linear_bias=False, lm_head_bias=False, attn_out_name="o_proj", mlp_in_name="gate_up_proj",
         mlp_out_name="down_proj", final_norm_name="norm", eps_key="rms_norm_eps",
-        upcast_attention=False,
+        upcast_attention=False, activations=("silu", "swish"),
     ),
 }
 
 _LONGROPE_ALIASES = {"longrope", "su", "yarn"}
+
+
+class ConfigError(ValueError):
+    """A config.json that phicore cannot build a model from: one line naming the field
+    (messages start with "config.json: "; `from_file` puts the real path there)."""
+
+
+# dataclass fields spelled differently in config.json (the rest use their own name)
+_JSON_NAMES = {"rope_short_factor": "rope_scaling.short_factor", "rope_long_factor": "rope_scaling.long_factor",
+               "rope_factor": "rope_scaling.factor", "rope_attention_factor": "rope_scaling.attention_factor"}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass
@@ -108,31 +125,87 @@ class ModelConfig:
     source_dir: Optional[str] = None  # folder (or hub id) the checkpoint came from
 
     def __post_init__(self):
-        if self.model_type not in LAYOUTS:
-            raise ValueError(
+        if not isinstance(self.model_type, str) or self.model_type not in LAYOUTS:
+            raise ConfigError(
                 f"config.json: model_type {self.model_type!r} is not supported "
                 f"(phicore supports {sorted(LAYOUTS)})"
             )
+        for name in _REQUIRED + ("max_position_embeddings",):
+            self._positive_int(name)
+        for name in ("num_key_value_heads", "head_dim", "original_max_position_embeddings", "sliding_window"):
+            if getattr(self, name) is not None:  # None: derived below, or (sliding_window) no window
+                self._positive_int(name)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"config.json: hidden_size {self.hidden_size} is not divisible by "
+                                  f"num_attention_heads {self.num_attention_heads} (and no head_dim is given)")
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"config.json: num_attention_heads {self.num_attention_heads} is not a multiple "
                 f"of num_key_value_heads {self.num_key_value_heads}"
             )
         if self.original_max_position_embeddings is None:
             self.original_max_position_embeddings = self.max_position_embeddings
+        self._number("rope_theta", low=0.0)
+        self._number("partial_rotary_factor", low=0.0, high=1.0, high_ok=True)
+        self._number("norm_eps", low=0.0)
+        for name in ("embd_pdrop", "resid_pdrop", "attention_dropout"):
+            self._number(name, low=0.0, low_ok=True, high=1.0)
+        for name in ("rope_factor", "rope_attention_factor"):
+            if getattr(self, name) is not None:
+                self._number(name, low=0.0)
+        for name in ("tie_word_embeddings", "qk_layernorm"):
+            if not isinstance(getattr(self, name), bool):
+                self._refuse(name, "must be true or false")
+        if self.hidden_act not in self.layout.activations:
+            self._refuse("hidden_act", f"must be one of {', '.join(self.layout.activations)} for model_type "
+                                       f"{self.model_type!r} (its MLP computes that activation)")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ConfigError(f"config.json: head_dim {self.head_dim} x partial_rotary_factor "
+                              f"{self.partial_rotary_factor} gives {self.rotary_dim} rotary dimensions; "
+                              "it must be a positive even number")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            for token_id in (value if name == "eos_token_id" and isinstance(value, list) else [value]):
+                if token_id is not None and (not _is_int(token_id) or not 0 <= token_id < self.vocab_size):
+                    self._refuse(name, f"must be a token id in [0, vocab_size {self.vocab_size})")
         if self.rope_type == "longrope":
             half = self.rotary_dim // 2
             for name in ("rope_short_factor", "rope_long_factor"):
                 factors = getattr(self, name)
                 if factors is None or len(factors) != half:
-                    raise ValueError(
+                    raise ConfigError(
                         f"config.json: longrope {name[5:]} must have rotary_dim/2 = {half} values, "
                         f"got {None if factors is None else len(factors)}"
                     )
+                if not all(_is_number(f) and math.isfinite(f) and f > 0 for f in factors):
+                    self._refuse(name, "must hold positive finite numbers")
+
+    # ----- checks: one line naming the config.json field -----
+    def _refuse(self, name: str, why: str):
+        key = self.layout.eps_key if name == "norm_eps" else _JSON_NAMES.get(name, name)
+        raise ConfigError(f"config.json: {key} {why}, got {getattr(self, name)!r}")
+
+    def _positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_int(value) or value < 1:
+            self._refuse(name, "must be a positive integer")
+
+    def _number(self, name: str, *, low: float, high: float = math.inf, low_ok: bool = False,
+                high_ok: bool = False) -> None:
+        """A finite number in (low, high) (brackets closed by low_ok / high_ok), stored as float."""
+        value = getattr(self, name)
+        if not _is_number(value) or not math.isfinite(value):
+            self._refuse(name, "must be a finite number")
+        above = value >= low if low_ok else value > low
+        below = value <= high if high_ok else value < high
+        if not (above and below):
+            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+            self._refuse(name, f"must be in {bounds}")
+        setattr(self, name, float(value))
 
     # ----- derived sizes -----
     @property
@@ -176,15 +249,18 @@ class ModelConfig:
     # ----- construction -----
     @classmethod
     def from_dict(cls, raw: dict, source_dir: Optional[str] = None) -> "ModelConfig":
-        """Build from a config.json dict in either the legacy or the transformers-5 form."""
+        """Build from a config.json dict in either the legacy or the transformers-5 form.
+        Raises ConfigError naming the field that is missing, of the wrong type or out of range."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config.json: expected a JSON object, got a JSON {_json_kind(raw)}")
         model_type = raw.get("model_type")
-        if model_type not in LAYOUTS:
-            raise ValueError(
+        if not isinstance(model_type, str) or model_type not in LAYOUTS:
+            raise ConfigError(
                 f"config.json: model_type {model_type!r} is not supported (phicore supports {sorted(LAYOUTS)})"
             )
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in raw:
-                raise ValueError(f"config.json: missing field {key!r}")
+        for key in _REQUIRED:
+            if raw.get(key) is None:
+                raise ConfigError(f"config.json: missing field {key!r}")
         rope = _read_rope(raw)
         layout = LAYOUTS[model_type]
         return cls(
@@ -196,24 +272,24 @@ class ModelConfig:
             num_attention_heads=raw["num_attention_heads"],
             num_key_value_heads=raw.get("num_key_value_heads"),
             head_dim=raw.get("head_dim"),
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
-            original_max_position_embeddings=raw.get("original_max_position_embeddings")
-            or rope.get("original_max_position_embeddings"),
-            rope_theta=float(rope.get("rope_theta", 10000.0)),
-            partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
+            max_position_embeddings=_or_default(raw.get("max_position_embeddings"), 2048),
+            original_max_position_embeddings=_or_default(raw.get("original_max_position_embeddings"),
+                                                         rope.get("original_max_position_embeddings")),
+            rope_theta=_or_default(rope.get("rope_theta"), 10000.0),
+            partial_rotary_factor=rope["partial_rotary_factor"],
             rope_type=rope["rope_type"],
-            rope_short_factor=_tuple_or_none(rope.get("short_factor")),
-            rope_long_factor=_tuple_or_none(rope.get("long_factor")),
+            rope_short_factor=_tuple_or_none(rope.get("short_factor"), "rope_scaling.short_factor"),
+            rope_long_factor=_tuple_or_none(rope.get("long_factor"), "rope_scaling.long_factor"),
             rope_factor=rope.get("factor"),
             rope_attention_factor=rope.get("attention_factor"),
-            norm_eps=float(raw.get(layout.eps_key, 1e-5)),
-            hidden_act=raw.get("hidden_act", "gelu_new"),
+            norm_eps=_or_default(raw.get(layout.eps_key), 1e-5),
+            hidden_act=_or_default(raw.get("hidden_act"), layout.activations[0]),
             sliding_window=raw.get("sliding_window"),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qk_layernorm=bool(raw.get("qk_layernorm", False)),
-            embd_pdrop=float(raw.get("embd_pdrop", 0.0) or 0.0),
-            resid_pdrop=float(raw.get("resid_pdrop", 0.0) or 0.0),
-            attention_dropout=float(raw.get("attention_dropout", 0.0) or 0.0),
+            tie_word_embeddings=_or_default(raw.get("tie_word_embeddings"), False),
+            qk_layernorm=_or_default(raw.get("qk_layernorm"), False),
+            embd_pdrop=_or_default(raw.get("embd_pdrop"), 0.0),
+            resid_pdrop=_or_default(raw.get("resid_pdrop"), 0.0),
+            attention_dropout=_or_default(raw.get("attention_dropout"), 0.0),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
             pad_token_id=raw.get("pad_token_id"),
@@ -224,15 +300,26 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path) -> "ModelConfig":
+        """Read and check a config.json; ConfigError (a ValueError) names the file and the field,
+        FileNotFoundError a missing file."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: cannot read config ({err})") from None
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: not found (a model folder needs its config.json)") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte {err.start}); truncated or corrupt?") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                              "truncated or corrupt?") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: JSON nested too deeply") from None
         try:
             return cls.from_dict(raw, source_dir=str(path.parent))
-        except ValueError as err:
-            raise ValueError(str(err).replace("config.json", str(path), 1)) from None
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("config.json", str(path), 1)) from None
 
     def to_hf_dict(self) -> dict:
         """The config.json to write next to saved weights: the hub's legacy form, which both
@@ -284,22 +371,50 @@ class ModelConfig:
         return out
 
 
-def _tuple_or_none(values):
-    return None if values is None else tuple(float(v) for v in values)
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _or_default(value, default):
+    """config.json's null means the default, as transformers reads it."""
+    return default if value is None else value
+
+
+def _json_kind(value) -> str:
+    kinds = {list: "list", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _tuple_or_none(values, key: str):
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)) or not all(_is_number(v) for v in values):
+        raise ConfigError(f"config.json: {key} must be a list of numbers, got {values!r:.80}")
+    return tuple(float(v) for v in values)
 
 
 def _read_rope(raw: dict) -> dict:
     """Merge the legacy and transformers-5 spellings of the rotary settings into one dict
     with keys rope_type, rope_theta, partial_rotary_factor and the longrope fields."""
-    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+        raise ConfigError(f"config.json: {key} must be an object or null, got {rope!r:.80}")
+    rope = dict(rope)
     rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
     rope.setdefault("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if rope.get("partial_rotary_factor") is None:
         rope["partial_rotary_factor"] = 1.0
     kind = rope.get("rope_type") or rope.get("type") or "default"
+    if not isinstance(kind, str):
+        raise ConfigError(f"config.json: rope_scaling.type must be a string, got {kind!r:.80}")
     if kind in _LONGROPE_ALIASES:
         kind = "longrope"
     elif kind != "default":
-        raise ValueError(f"config.json: rope type {kind!r} is not supported (default or longrope)")
+        raise ConfigError(f"config.json: rope type {kind!r} is not supported (default or longrope)")
     rope["rope_type"] = kind
     return rope

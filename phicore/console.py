@@ -19,7 +19,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, TextIO
 
-from .inference import Answer, GenerationSettings, Session
+from .inference import Answer, GenerationSettings, InferenceError, Session
 
 BLUE, GREEN, BOLD, RESET = "\033[34m", "\033[32m", "\033[1m", "\033[0m"
 BASE, TUNED = ("base", BLUE), ("fine-tuned", GREEN)  # label, colour
@@ -177,6 +177,9 @@ class Console:
                 result = self.answer(messages)
             except KeyboardInterrupt:
                 self._write((RESET if self.color else "") + "\n(stopped)\n")
+                continue
+            except InferenceError as err:  # this message (not valid UTF-8, refused by the template): say so, go on
+                self._write((RESET if self.color else "") + f"error: {err}\n")
                 continue
             turns += 1
             if session.multi_turn:  # the fine-tuned answer continues the conversation

@@ -25,6 +25,9 @@ def resolve_model_dir(name_or_path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise FileNotFoundError(f"{name_or_path}: is a file, not a model folder (give the folder holding "
+                                "config.json and the weights)")
     name = str(name_or_path)
     from .tiny import TINY_PRESETS, build_tiny, tiny_dir  # imported on use: it builds models
 

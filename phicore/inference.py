@@ -33,10 +33,10 @@ from .data import ChatTemplateFormat, PromptFormat, encode_prompt, prompt_format
 from .generate import generate
 from .lora import disable_adapter
 from .peft_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
-from .peft_io import read_adapter_config  # checks adapter_config.json (peft_type, fields)
+from .peft_io import read_adapter_config, read_adapter_tensors  # check adapter_config.json / the tensors
 from .record import RecordError, RunRecord
 from .settings import check, setting
-from .tokenizer import TOKENIZER_FILE, load_tokenizer
+from .tokenizer import TOKENIZER_FILE, check_vocab_fits, load_tokenizer
 from .weights import default_device, load_model, parse_dtype
 
 TextCallback = Callable[[int, str], None]  # (row, new text)
@@ -48,6 +48,38 @@ def _warn(message: str) -> None:
 
 class InferenceError(ValueError):
     """Bad input (adapter folder, base model, flags): one line for the user, CLI exit 2."""
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged if it can be encoded as UTF-8; else InferenceError naming `what`. Bytes
+    that are not UTF-8 reach Python as lone surrogates (a shell argument or stdin decoded with
+    surrogateescape: byte 0xE9 becomes U+DCE9), and so does a JSON "\\ud800" escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        found = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"a lone surrogate U+{char:04X}"
+        raise InferenceError(f"{what}: not valid UTF-8 ({found} at character {err.start})") from None
+    return text
+
+
+def _one_line(err: BaseException) -> str:
+    """The exception's first line; its type name where that says more (a jinja2 error's text
+    alone can be a bare message)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    return text if isinstance(err, ValueError) and text else f"{type(err).__name__}: {text}"
+
+
+def _template_errors() -> tuple:
+    """What rendering a prompt format raises for a bad template or conversation: ValueError
+    (phicore's ChatTemplateError included) and jinja2's TemplateError (its sandbox's
+    SecurityError included) when jinja2 is installed. Evaluated only when an exception is
+    being handled."""
+    try:
+        from jinja2.exceptions import TemplateError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, TemplateError)
 
 
 # ----------------------------------------------------------------------------- the adapter folder
@@ -242,8 +274,17 @@ class Session:
         return int(self.model.config.max_position_embeddings)
 
     def prompt_text(self, messages, system: Optional[str] = None) -> str:
-        """A prompt string or [{"role", "content"}] messages -> the text training's prompts had."""
-        return self.prompt_format.format_prompt_for_generation(messages, system=system)
+        """A prompt string or [{"role", "content"}] messages -> the text training's prompts had.
+        InferenceError for text that is not valid UTF-8 or a template that fails on it."""
+        texts = [messages] if isinstance(messages, str) else [m.get("content") for m in messages]
+        for what, text in [("prompt", t) for t in texts] + [("--system", system)]:
+            if isinstance(text, str):
+                check_text(text, what)
+        try:
+            return self.prompt_format.format_prompt_for_generation(messages, system=system)
+        except _template_errors() as err:
+            raise InferenceError(f"prompt format {self.prompt_format.name!r} of {self.info.directory} failed: "
+                                 f"{_one_line(err)}") from None
 
     def prompt_ids(self, messages, system: Optional[str] = None) -> list:
         return encode_prompt(self.tokenizer, self.prompt_text(messages, system))
@@ -316,6 +357,10 @@ def load_session(adapter_dir, *, base: Optional[str] = None, device=None, dtype=
         dtype (the same numbers training saw; needed to merge or export).
     """
     info = read_adapter_info(adapter_dir, base)
+    try:  # the adapter's own files first: they are small, and a broken one needs no base to find out
+        tensors = read_adapter_tensors(info.directory)
+    except (FileNotFoundError, ValueError) as err:
+        raise InferenceError(str(err)) from None
     try:
         device = torch.device(device) if device else default_device()
         dtype = parse_dtype(dtype)
@@ -325,11 +370,16 @@ def load_session(adapter_dir, *, base: Optional[str] = None, device=None, dtype=
         raise InferenceError(f"--quantize {quantize!r} is not supported (nf4)")
     recorded = info.quantization or {}
     quantize = quantize or (recorded.get("type") if info.quantized else None)
+    own_tokenizer = (info.directory / TOKENIZER_FILE).is_file()
     try:
-        tokenizer_dir = info.directory if (info.directory / TOKENIZER_FILE).is_file() else info.base_model
-        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer = load_tokenizer(info.directory if own_tokenizer else info.base_model)
+    except (FileNotFoundError, ValueError) as err:
+        raise InferenceError(f"{err}" if own_tokenizer else f"base model of {info.directory}: {err} "
+                             "(--base chooses another)") from None
+    try:
         model = load_model(info.base_model, dtype=dtype, device=device, quantize=quantize,
                            double_quant=bool(recorded.get("double_quant", True)))
+        check_vocab_fits(tokenizer, model.config.vocab_size, f"the vocab_size of the base {info.base_model}")
     except (FileNotFoundError, ValueError) as err:
         raise InferenceError(f"base model of {info.directory}: {err} (--base chooses another)") from None
     if dense:
@@ -337,14 +387,14 @@ def load_session(adapter_dir, *, base: Optional[str] = None, device=None, dtype=
 
         dequantize_nf4_layers(model)
     try:
-        load_adapter(model, info.directory, dtype=torch.float32, config=info.adapter_config)
+        load_adapter(model, info.directory, dtype=torch.float32, config=info.adapter_config, tensors=tensors)
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise InferenceError(f"adapter does not fit the base {info.base_model}: {err}") from None
     model.eval()
     try:
         prompt_format = prompt_format_for(tokenizer, template=info.prompt_template)
-    except ValueError as err:
-        raise InferenceError(f"{info.record_path or info.directory}: prompt_template: {err}") from None
+    except _template_errors() as err:
+        raise InferenceError(f"{info.record_path or info.directory}: prompt format: {_one_line(err)}") from None
     stop_ids = sorted(set(tokenizer.stop_token_ids) | set(model.config.eos_token_ids))
     session = Session(model, tokenizer, prompt_format, info, stop_ids, text_stops_for(prompt_format))
     if warn is not None:
@@ -370,6 +420,7 @@ def read_prompts(path, stdin=None) -> list:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        check_text(line, f"{name}:{number}")
         if not as_jsonl:
             prompts.append(line.strip())
             continue
@@ -377,10 +428,12 @@ def read_prompts(path, stdin=None) -> list:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise InferenceError(f"{name}:{number}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise InferenceError(f"{name}:{number}: JSON nested too deeply") from None
         prompt = record.get("prompt") if isinstance(record, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
             raise InferenceError(f"{name}:{number}: expected an object with a non-empty string \"prompt\"")
-        prompts.append(prompt)
+        prompts.append(check_text(prompt, f"{name}:{number}"))
     if not prompts:
         raise InferenceError(f"{name}: no prompts")
     return prompts

@@ -13,6 +13,7 @@ the files against the installed peft both ways.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -32,7 +33,7 @@ from .lora import (
     resolve_targets,
     set_adapter_trainable,
 )
-from .weights import atomic_save_safetensors, atomic_write_text
+from .weights import FLOAT_DTYPES, CheckpointError, atomic_save_safetensors, atomic_write_text, read_safetensors_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -164,8 +165,10 @@ def read_adapter_config(directory: Path) -> dict:
         raise FileNotFoundError(f"{path}: not found (not a PEFT adapter folder)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); truncated or corrupt?") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object")
     if config.get("peft_type") != "LORA":
@@ -182,7 +185,51 @@ def read_adapter_config(directory: Path) -> dict:
     if config.get("init_lora_weights", True) not in _PLAIN_INITS:
         raise ValueError(f"{path}: init_lora_weights={config['init_lora_weights']!r} also changes the base weights; "
                          "convert the adapter to plain LoRA first (PEFT: path_initial_model_for_weight_conversion)")
+    _check_config_values(path, config)
     return config
+
+
+def _check_config_values(path: Path, config: dict) -> None:
+    """The types and ranges of the fields load_adapter uses; target_modules and the pattern keys
+    are regexes PEFT matches module paths with, so they must compile."""
+    def refuse(field: str, why: str):
+        raise ValueError(f"{path}: {field} {why}, got {config.get(field)!r:.80}")
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def finite(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def regex(field: str, pattern: str) -> None:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{path}: {field} {pattern!r} is not a valid regular expression ({err})") from None
+
+    if not positive_int(config["r"]):
+        refuse("r", "must be a positive integer")
+    if not finite(config["lora_alpha"]):
+        refuse("lora_alpha", "must be a finite number")
+    dropout = config.get("lora_dropout") or 0.0
+    if not finite(dropout) or not 0 <= dropout < 1:
+        refuse("lora_dropout", "must be a number in [0, 1)")
+    for field in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(field, False), bool):
+            refuse(field, "must be true or false")
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        if targets.strip().lower() != ALL_LINEAR:
+            regex("target_modules", targets)
+    elif not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        refuse("target_modules", "must be a regular expression or a list of module names")
+    for field, valid, kind in (("rank_pattern", positive_int, "positive integers"),
+                               ("alpha_pattern", finite, "finite numbers")):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict) or not all(valid(v) for v in pattern.values()):
+            refuse(field, f"must map module-name patterns to {kind}")
+        for key in pattern:
+            regex(f"{field} key", key)
 
 
 def _peft_key(key: str) -> str:
@@ -200,11 +247,26 @@ def _peft_key(key: str) -> str:
     return key
 
 
+def read_adapter_tensors(directory) -> dict:
+    """adapter_model.safetensors of an adapter folder, keys in phicore's form, checked: a
+    truncated or corrupt file, integer tensors or non-finite values (an adapter whose training
+    diverged) raise ValueError naming the file; a missing file FileNotFoundError."""
+    return _read_tensors(Path(directory) / WEIGHTS_NAME)
+
+
 def _read_tensors(path: Path) -> dict:
     if not path.is_file():
         pickles = sorted(p.name for p in path.parent.glob("adapter_model.*") if p.suffix != ".safetensors")
         hint = f" (found {', '.join(pickles)}: phicore reads safetensors only)" if pickles else ""
         raise FileNotFoundError(f"{path}: not found{hint}")
+    try:
+        header = read_safetensors_header(path)  # a truncated or corrupt file, found before reading any data
+    except CheckpointError as err:
+        detail = str(err).removeprefix(f"{path}: ")
+        raise ValueError(f"{path}: not a valid safetensors file: {detail}") from None
+    odd = next((key for key, (dtype, _) in header.items() if dtype not in FLOAT_DTYPES), None)
+    if odd is not None:
+        raise ValueError(f"{path}: tensor {odd} is stored as {header[odd][0]}; adapter weights are floating-point")
     tensors = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as reader:
@@ -212,17 +274,23 @@ def _read_tensors(path: Path) -> dict:
                 tensors[_peft_key(key)] = reader.get_tensor(key)
     except SafetensorError as err:
         raise ValueError(f"{path}: not a valid safetensors file ({err})") from None
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: {PEFT_PREFIX}{key} holds {bad} non-finite value(s) (NaN or inf): the adapter "
+                             "is broken (did its training diverge?); refusing to load it")
     return tensors
 
 
 def load_adapter(model: nn.Module, directory, *, trainable: bool = False, dtype: Optional[torch.dtype] = None,
-                 config: Optional[dict] = None) -> nn.Module:
+                 config: Optional[dict] = None, tensors: Optional[dict] = None) -> nn.Module:
     """Apply a PEFT LoRA adapter folder to the model, in place, and return the model.
 
     Reads adapter_config.json (r, lora_alpha, lora_dropout, use_rslora, use_dora, target_modules,
     rank_pattern, alpha_pattern; `config`: that file as `read_adapter_config` returned it
-    already), checks every tensor of adapter_model.safetensors against the layers it targets
-    before changing the model, then adds and fills the adapters. Keys are accepted with or
+    already), checks every tensor of adapter_model.safetensors (`tensors`: as
+    `read_adapter_tensors` returned them already) against the layers it targets before
+    changing the model, then adds and fills the adapters. Keys are accepted with or
     without the `default` adapter name. Adapter params are in `dtype` (default fp32) and train
     only when `trainable`.
     """
@@ -231,11 +299,15 @@ def load_adapter(model: nn.Module, directory, *, trainable: bool = False, dtype:
         raise ValueError("load_adapter: the model already has LoRA layers; load the adapter into a fresh model")
     config = read_adapter_config(directory) if config is None else config
     weights_path = directory / WEIGHTS_NAME
-    tensors = _read_tensors(weights_path)
+    tensors = _read_tensors(weights_path) if tensors is None else tensors
 
     targets = config["target_modules"]
     if isinstance(targets, str) and targets.strip().lower() != ALL_LINEAR:
-        targets = re.compile(targets)  # PEFT: a string target_modules is a regex on the whole path
+        try:
+            targets = re.compile(targets)  # PEFT: a string target_modules is a regex on the whole path
+        except re.error as err:  # `config` given by the caller, not read (and checked) here
+            raise ValueError(f"{directory / CONFIG_NAME}: target_modules {targets!r} is not a valid regular "
+                             f"expression ({err})") from None
     try:
         selected = resolve_targets(model, targets)
     except ValueError as err:

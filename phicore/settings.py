@@ -90,6 +90,7 @@ class Setting:
     switches: tuple = ()  # (flag, value) pairs: "--bf16" sets this field to "bf16"
     many: bool = False  # a comma-joined list: the flag takes several words, a file a list
     saved: bool = True  # written to the run's config (False: about one invocation only)
+    resumable: str = "same"  # on resume: "same" (must not change), "free" (may change), "schedule" (see RunConfig)
     metavar: Optional[str] = None
 
     @property
@@ -99,11 +100,11 @@ class Setting:
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, section: str, range: Optional[str] = None,
             choices: Sequence = (), aliases: Sequence[str] = (), switches: Optional[dict] = None,
-            many: bool = False, saved: bool = True, metavar: Optional[str] = None):
+            many: bool = False, saved: bool = True, resumable: str = "same", metavar: Optional[str] = None):
     """A dataclass field declaring one setting (see `Setting`)."""
     spec = dict(help=help, section=section, range=Interval.parse(range) if range else None, choices=tuple(choices),
                 aliases=tuple(aliases), switches=tuple((switches or {}).items()), many=many, saved=saved,
-                metavar=metavar)
+                resumable=resumable, metavar=metavar)
     return dataclasses.field(default=default, metadata={"setting": spec})
 
 

@@ -10,9 +10,11 @@ and phicore's own tools reload it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -21,6 +23,8 @@ from .config import ModelConfig
 from .model import PhiForCausalLM
 from .tokenizer import Tokenizer
 from .weights import save_model
+
+MARKER = "tiny_preset.json"  # which preset and seed a built folder holds
 
 # Random weights learn slowly at the usual 2e-4: the demo presets suggest a larger learning
 # rate (`default_lr`), which train.py uses unless --lr is given.
@@ -80,19 +84,29 @@ def _byte_of(char: str) -> int:
     return others[code - 256]
 
 
+def built_from(directory) -> Optional[dict]:
+    """{"preset": name, "seed": seed} of a folder build_tiny wrote (None: not one of those)."""
+    try:
+        marker = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
 def build_tiny(name: str, directory, seed: int = 0) -> Path:
-    """Write the tiny preset `name` into `directory` (reused if already complete). The folder is
-    built under a temporary name and renamed into place, so it is complete or absent."""
+    """Write the tiny preset `name` with weights drawn from `seed` into `directory`: reused when it
+    holds exactly that already, else (re)built. The folder is built under a temporary name and
+    renamed into place, so it is complete or absent."""
     if name not in TINY_PRESETS:
         raise ValueError(f"unknown tiny preset {name!r} (known: {', '.join(TINY_PRESETS)})")
     directory = Path(directory)
-    if (directory / "config.json").exists() and (directory / "model.safetensors").exists():
+    if built_from(directory) == {"preset": name, "seed": seed} and (directory / "model.safetensors").exists():
         return directory
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_tiny(name, tmp, seed)
-        shutil.rmtree(directory, ignore_errors=True)  # an incomplete folder of an older version
+        shutil.rmtree(directory, ignore_errors=True)  # another preset or seed, or an incomplete folder
         os.replace(tmp, directory)
     except OSError:
         if not (directory / "model.safetensors").exists():  # not another process finishing first
@@ -128,6 +142,7 @@ def _write_tiny(name: str, directory: Path, seed: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(directory)
     save_model(model, directory)
+    (directory / MARKER).write_text(json.dumps({"preset": name, "seed": seed}) + "\n", encoding="utf-8")
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ same folder, without depending on transformers. The transformers (v5) behaviours
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -37,7 +38,9 @@ from tokenizers import Tokenizer as BackendTokenizer
 from .chat_template import render_chat_template
 from .tokenizer_files import (
     STANDARD_NAMED_TOKENS,
+    TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,  # noqa: F401 (phicore.inference and users import it from here)
+    TokenizerError,
     config_extras,
     read_additional_special_tokens,
     read_backend,
@@ -46,6 +49,7 @@ from .tokenizer_files import (
     read_generation_eos_ids,
     read_named_tokens,
     read_tokenizer_config,
+    reading,
     token_content,
     write_tokenizer_files,
 )
@@ -169,6 +173,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (transformers' ``len(tokenizer)``)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def id_limit(self) -> int:
+        """One more than the largest token id: the embedding rows a model needs for it."""
+        return max(self._backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -370,16 +379,23 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     """Load the tokenizer of a model folder or hub id (resolved by ``phicore.hub``).
 
     Raises FileNotFoundError naming the folder and what is missing when it has no
-    tokenizer.json (a SentencePiece-only ``tokenizer.model`` is not supported).
+    tokenizer.json (a SentencePiece-only ``tokenizer.model`` is not supported), and
+    TokenizerError (a ValueError) naming the file when one is unreadable, truncated or corrupt,
+    or when the tokenizer has more ids than the folder's config.json ``vocab_size`` (its ids
+    would index past the model's embedding).
     """
     folder = _resolve_model_folder(name_or_path)
     backend = read_backend(folder)
     config = read_tokenizer_config(folder)
     named_tokens = read_named_tokens(folder, config)
-    additional_special_tokens = read_additional_special_tokens(config)
+    with reading(folder / TOKENIZER_CONFIG_FILE):
+        additional_special_tokens = read_additional_special_tokens(config)
+        clean_up = config.get("clean_up_tokenization_spaces") or False
+        if not isinstance(clean_up, bool):
+            raise TypeError(f"clean_up_tokenization_spaces must be true or false, got {clean_up!r:.40}")
     special_contents = set(named_tokens.values()) | set(additional_special_tokens)
     _add_missing_tokens(backend, read_config_added_tokens(folder, config, special_contents))
-    return Tokenizer(
+    tokenizer = Tokenizer(
         backend,
         bos_token=named_tokens.pop("bos_token", None),
         eos_token=named_tokens.pop("eos_token", None),
@@ -388,11 +404,37 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
         other_named_tokens=named_tokens,
         additional_special_tokens=additional_special_tokens,
         chat_template=read_chat_template(folder, config),
-        clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+        clean_up_tokenization_spaces=clean_up,
         extra_stop_token_ids=read_generation_eos_ids(folder),
         config_extras=config_extras(config),
         name_or_path=str(folder),
     )
+    vocab_size = _model_vocab_size(folder / "config.json")
+    if vocab_size is not None:
+        check_vocab_fits(tokenizer, vocab_size, f"{folder / 'config.json'}'s vocab_size")
+    return tokenizer
+
+
+def check_vocab_fits(tokenizer: Tokenizer, vocab_size: int, what: str) -> None:
+    """TokenizerError when the tokenizer has ids the model's embedding (`vocab_size` rows, named
+    by `what`) has no row for."""
+    if tokenizer.id_limit > vocab_size:
+        where = Path(tokenizer.name_or_path) / TOKENIZER_FILE if tokenizer.name_or_path else "the tokenizer"
+        raise TokenizerError(
+            f"{where}: has token ids up to {tokenizer.id_limit - 1} ({tokenizer.id_limit} ids), but {what} is "
+            f"{vocab_size}: its ids would index past the model's embedding (a tokenizer of another model?)"
+        )
+
+
+def _model_vocab_size(path: Path) -> int | None:
+    """config.json's vocab_size when the folder has a readable one (the model loader reports a
+    broken config.json; here it only serves to check the tokenizer against)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    size = raw.get("vocab_size") if isinstance(raw, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def _resolve_model_folder(name_or_path: str | os.PathLike) -> Path:

@@ -11,11 +11,15 @@ The ``read_*`` functions below apply transformers' (v5) precedence between them;
 `write_tokenizer_files` writes a folder that both `phicore.tokenizer.load_tokenizer` and
 ``transformers.AutoTokenizer`` load to the same ids. `phicore.tokenizer` builds the
 `Tokenizer` from what is read here.
+
+A file that cannot be read, is not valid JSON (a truncated download) or holds the wrong kind
+of value raises `TokenizerError`, one line naming the file.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -59,6 +63,30 @@ _MANAGED_CONFIG_KEYS = frozenset(
 )
 
 
+REDOWNLOAD = "an interrupted download? delete it and download again"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be read or used: one line naming the file."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@contextmanager
+def reading(path: Path):
+    """Turn a file's wrong content (a KeyError, TypeError or ValueError while interpreting it)
+    into a TokenizerError naming the file."""
+    try:
+        yield
+    except TokenizerError:
+        raise
+    except (KeyError, TypeError, ValueError) as err:
+        raise TokenizerError(f"{path}: unexpected content ({type(err).__name__}: {_first_line(err)})") from None
+
+
 # ===================================================================================== reading
 
 
@@ -66,7 +94,17 @@ def read_backend(folder: Path) -> BackendTokenizer:
     """Load tokenizer.json, or explain precisely why the folder cannot be used."""
     tokenizer_path = folder / TOKENIZER_FILE
     if tokenizer_path.is_file():
-        return BackendTokenizer.from_file(str(tokenizer_path))
+        try:
+            text = tokenizer_path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise TokenizerError(f"{tokenizer_path}: cannot read ({err.strerror or err})") from None
+        except UnicodeDecodeError as err:
+            raise TokenizerError(f"{tokenizer_path}: truncated or corrupt (not UTF-8 at byte {err.start}; "
+                                 f"{REDOWNLOAD})") from None
+        try:
+            return BackendTokenizer.from_str(text)
+        except Exception as err:  # noqa: BLE001  (the tokenizers library raises plain Exception for bad files)
+            raise TokenizerError(f"{tokenizer_path}: truncated or corrupt ({_first_line(err)}; {REDOWNLOAD})") from None
     if (folder / SENTENCEPIECE_MODEL_FILE).is_file():
         raise FileNotFoundError(
             f"{folder} has {SENTENCEPIECE_MODEL_FILE} but no {TOKENIZER_FILE}: the "
@@ -91,12 +129,21 @@ def read_named_tokens(folder: Path, config: Mapping[str, Any]) -> dict[str, str]
     transformers reads special_tokens_map.json (and lets it override the config) only when the
     config has no ``added_tokens_decoder``; we follow the same precedence.
     """
-    values = {key: value for key, value in config.items() if _is_named_token_entry(key, value)}
+    named = _named_tokens_in(folder / TOKENIZER_CONFIG_FILE, config)
     if "added_tokens_decoder" not in config:
         token_map = _read_json(folder / SPECIAL_TOKENS_MAP_FILE) or {}
-        values.update({key: value for key, value in token_map.items() if _is_named_token_entry(key, value)})
-    named = {key: token_content(value) for key, value in values.items()}
+        named.update(_named_tokens_in(folder / SPECIAL_TOKENS_MAP_FILE, token_map))
     return {key: value for key, value in named.items() if value is not None}
+
+
+def _named_tokens_in(path: Path, entries: Mapping[str, Any]) -> dict[str, str | None]:
+    """The named-token entries of one file, as strings (None where unset)."""
+    with reading(path):
+        named = {key: token_content(value) for key, value in entries.items() if _is_named_token_entry(key, value)}
+        for key, value in named.items():
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{key} must be a string or {{\"content\": string}}, got {value!r:.60}")
+    return named
 
 
 def _is_named_token_entry(key: str, value: Any) -> bool:
@@ -111,6 +158,8 @@ def read_additional_special_tokens(config: Mapping[str, Any]) -> list[str]:
     tokens: list[str] = []
     for key in ("additional_special_tokens", "extra_special_tokens"):
         value = config.get(key) or []
+        if not isinstance(value, (list, dict)):
+            raise TypeError(f"{key} must be a list of tokens, got {value!r:.60}")
         entries = value.values() if isinstance(value, dict) else value
         tokens.extend(t for t in (token_content(entry) for entry in entries) if t is not None)
     return list(dict.fromkeys(tokens))
@@ -120,25 +169,34 @@ def read_config_added_tokens(folder: Path, config: Mapping[str, Any], special: s
     """Added tokens declared by tokenizer_config.json or, for legacy folders, added_tokens.json."""
     declared = config.get("added_tokens_decoder")
     if isinstance(declared, dict):
-        ordered = sorted(declared.items(), key=lambda item: int(item[0]))
-        return [_added_token_from_fields(fields) for _, fields in ordered]
+        with reading(folder / TOKENIZER_CONFIG_FILE):
+            ordered = sorted(declared.items(), key=lambda item: int(item[0]))
+            return [_added_token_from_fields(fields) for _, fields in ordered]
     legacy = _read_json(folder / ADDED_TOKENS_FILE) or {}
-    ordered_contents = sorted(legacy, key=lambda content: legacy[content])
-    return [
-        AddedToken(content, normalized=content not in special, special=content in special)
-        for content in ordered_contents
-    ]
+    with reading(folder / ADDED_TOKENS_FILE):
+        ordered_contents = sorted(legacy, key=lambda content: int(legacy[content]))
+        return [
+            AddedToken(content, normalized=content not in special, special=content in special)
+            for content in ordered_contents
+        ]
 
 
 def read_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
     """The default chat template: chat_template.jinja, then chat_template.json, then the config."""
     jinja_file = folder / CHAT_TEMPLATE_JINJA_FILE
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise TokenizerError(f"{jinja_file}: cannot read ({err.strerror or err})") from None
+        except UnicodeDecodeError as err:
+            raise TokenizerError(f"{jinja_file}: not valid UTF-8 (byte {err.start}); truncated or corrupt?") from None
     json_file = _read_json(folder / CHAT_TEMPLATE_JSON_FILE)
     if json_file and json_file.get("chat_template") is not None:
-        return _default_template(json_file["chat_template"])
-    return _default_template(config.get("chat_template"))
+        with reading(folder / CHAT_TEMPLATE_JSON_FILE):
+            return _default_template(json_file["chat_template"])
+    with reading(folder / TOKENIZER_CONFIG_FILE):
+        return _default_template(config.get("chat_template"))
 
 
 def _default_template(value: Any) -> str | None:
@@ -148,7 +206,9 @@ def _default_template(value: Any) -> str | None:
     if isinstance(value, list):
         value = {entry["name"]: entry["template"] for entry in value}
     if isinstance(value, dict):
-        return value.get("default")
+        value = value.get("default")
+        if value is None or isinstance(value, str):
+            return value
     raise ValueError(f"unrecognised chat_template value of type {type(value).__name__}")
 
 
@@ -158,7 +218,11 @@ def read_generation_eos_ids(folder: Path) -> list[int]:
     eos = generation_config.get("eos_token_id")
     if eos is None:
         return []
-    return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise TokenizerError(f"{folder / GENERATION_CONFIG_FILE}: eos_token_id must be a token id or a list of them, "
+                             f"got {eos!r:.60}")
+    return [int(i) for i in ids]
 
 
 def config_extras(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,7 +252,8 @@ def write_tokenizer_files(
     paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer_path = folder / TOKENIZER_FILE
-    backend.save(str(tokenizer_path))
+    with open(tokenizer_path, "w", encoding="utf-8") as handle:  # what backend.save writes, with Python's OSError
+        handle.write(backend.to_str(pretty=True))
     config = _tokenizer_config(
         backend, named_tokens, additional_special_tokens, chat_template, clean_up_tokenization_spaces, config_extras
     )
@@ -295,10 +360,25 @@ def _added_token_fields(token: AddedToken, with_special: bool) -> dict[str, Any]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, None when absent; TokenizerError when unreadable, not JSON (truncated
+    or corrupt) or not an object."""
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except OSError as err:
+        raise TokenizerError(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise TokenizerError(f"{path}: truncated or corrupt (not UTF-8 at byte {err.start}; {REDOWNLOAD})") from None
+    except json.JSONDecodeError as err:
+        raise TokenizerError(f"{path}: truncated or corrupt (not valid JSON: {err.msg} at line {err.lineno} "
+                             f"column {err.colno}; {REDOWNLOAD})") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(content, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
 
 
 def _write_json(path: Path, content: Mapping[str, Any]) -> Path:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from phicore.data import (EOS, IGNORE_INDEX, BatchPlan, ChatTemplateFormat, Conversation,
-                          DataError, Example, Segment, TemplateFormat, Turn, batches_for_epoch,
+                          DataError, Example, FieldMap, Segment, TemplateFormat, Turn, batches_for_epoch,
                           bos_ids, collate, collate_packed, conversations_from_records,
                           detect_format, encode_prompt, pack_examples, prompt_format_for,
                           read_conversations, split_train_val, tokenize_dataset,
@@ -227,7 +227,10 @@ def test_tiny_text_record_is_all_target(tmp_path):
 def test_csv_columns_by_name_with_header(tmp_path):
     path = write(tmp_path, "d.csv", 'id,answer,question\n1,"Four, of course",What is 2+2?\n'
                                     '2,"multi\nline",Q2\n\n3,A3,Q3\n')
-    convs = read_conversations(path)
+    with pytest.raises(DataError, match=r"d\.csv:1: column 'id' would not be used .*--prompt-field question "
+                                        r"--response-field answer$"):
+        read_conversations(path)  # an unused column with data is never dropped silently
+    convs = read_conversations(path, fields=FieldMap(prompt="question", response="answer"))
     assert [pair(c) for c in convs] == [
         [("user", "What is 2+2?"), ("assistant", "Four, of course")],
         [("user", "Q2"), ("assistant", "multi\nline")],
@@ -242,12 +245,12 @@ def test_csv_alpaca_columns_and_text_column(tmp_path):
     assert conv.plain and conv.turns[0].content == "hello world"
 
 
-def test_tsv_and_headerless_table_by_position(tmp_path):
+def test_tsv_and_headerless_table_is_refused(tmp_path):
     (conv,) = read_conversations(write(tmp_path, "d.tsv", "prompt\tresponse\nhi, you\tyo\n"))
     assert pair(conv) == [("user", "hi, you"), ("assistant", "yo")]
-    convs = read_conversations(write(tmp_path, "n.csv", "What is up?,Not much\nHi,Hello\n"))
-    assert [pair(c) for c in convs] == [[("user", "What is up?"), ("assistant", "Not much")],
-                                        [("user", "Hi"), ("assistant", "Hello")]]
+    with pytest.raises(DataError, match=r"n\.csv:1: the first row names no known column \(found: What is up\?, "
+                                        r"Not much\); a table needs a header row"):
+        read_conversations(write(tmp_path, "n.csv", "What is up?,Not much\nHi,Hello\n"))
 
 
 def test_xlsx_without_openpyxl_says_what_to_install(tmp_path, monkeypatch):
@@ -303,9 +306,10 @@ BAD_INPUTS = [
     ("instance without output", "data.jsonl", [{"instruction": "x", "instances": [{"input": ""}]}],
      r'data\.jsonl:1: instances\[0\]: missing field "output" \(found: input\)$'),
     ("csv one column", "data.csv", "question,answer\nq1,a1\nq2\n", r"data\.csv:3: expected 2 columns, got 1$"),
-    ("csv headerless one column", "data.csv", "just one\n", r"data\.csv:1: expected 2 columns \(prompt, response\), got 1$"),
+    ("csv headerless one column", "data.csv", "just one\n", r"data\.csv:1: the first row names no known column"),
     ("csv no answer column", "data.csv", "question,notes\nq,n\n",
-     r"data\.csv:1: no answer/response/output column in the header \(found: question, notes\)$"),
+     r"data\.csv:1: no answer/response/output column in the header \(found: question, notes\); name yours with "
+     r"--response-field NAME$"),
     ("csv empty answer", "data.csv", "question,answer\nq1,a1\nq2,\n", r'data\.csv:3: empty "answer" cell \(column 2\)$'),
     ("csv header only", "data.csv", "question,answer\n", r"data\.csv:1: header row but no data rows$"),
     ("csv non-utf8", "data.csv", b"question,answer\nq,a\nq\xff,a\n", r"data\.csv:3: not valid UTF-8"),

@@ -334,7 +334,11 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path, cap
     before = snapshot(existing)
     for out in (tmp_path / "fresh", existing):
         capsys.readouterr()
-        rc = run_main("--model", "tiny-phi-2", "--data", data, "--out", out, "--max-steps", 1, *flags, *FAST)
+        # into the earlier run's folder with --overwrite (without, the folder itself is refused
+        # first): the bad input must still be what stops it, before the earlier run is touched
+        replace = ["--overwrite"] if out == existing and "--resume" not in flags else []
+        rc = run_main("--model", "tiny-phi-2", "--data", data, "--out", out, "--max-steps", 1, *flags, *FAST,
+                      *replace)
         captured = capsys.readouterr()
         assert rc == 2, captured
         err = captured.err

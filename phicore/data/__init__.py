@@ -1,6 +1,6 @@
 """The data pipeline, one way: file -> records -> role-tagged text -> token ids -> batches.
 
-    files.read_conversations(path)              -> [Conversation]  (DataError "file:line: ...")
+    files.read_conversations(path, fields=FieldMap(...)) -> [Conversation]  (DataError "file:line: ...")
         (record formats: formats.py; CSV/TSV/XLSX tables: tables.py)
     prompts.prompt_format_for(tokenizer).segments(conv) -> [Segment(text, is_target)]
     tokenization.tokenize_dataset(convs, fmt, tok, max_length) -> [Example(input_ids, labels)], stats
@@ -14,7 +14,7 @@ Nothing here knows about models. Names are re-exported for convenience.
 from .batch_plan import BatchPlan, batches_for_epoch, pack_examples, split_train_val
 from .collate import Batch, collate, collate_packed
 from .files import read_conversations
-from .formats import (FORMATS, Conversation, DataError, Turn, conversations_from_records, detect_format,
+from .formats import (FORMATS, Conversation, DataError, FieldMap, Turn, conversations_from_records, detect_format,
                       split_human_assistant)
 from .prompts import (EOS, INSTRUCT_TEMPLATE, ChatTemplateFormat, PromptFormat, Segment,
                       TemplateFormat, prompt_format_for)
@@ -25,7 +25,7 @@ __all__ = [
     "IGNORE_INDEX", "Batch", "BatchPlan", "Example", "TokenizeStats", "batches_for_epoch", "bos_ids",
     "collate", "collate_packed", "encode_prompt", "pack_examples", "split_train_val",
     "tokenize_dataset", "tokenize_segments",
-    "FORMATS", "Conversation", "DataError", "Turn", "conversations_from_records", "detect_format",
+    "FORMATS", "Conversation", "DataError", "FieldMap", "Turn", "conversations_from_records", "detect_format",
     "read_conversations", "split_human_assistant",
     "EOS", "INSTRUCT_TEMPLATE", "ChatTemplateFormat", "PromptFormat", "Segment", "TemplateFormat",
     "prompt_format_for",

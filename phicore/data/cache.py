@@ -17,9 +17,12 @@ CACHE_DIR/STEM-KEY/                          KEY: first 16 hex digits of the sha
 The key covers everything the tokens depend on: the data file's bytes (sha256), the
 tokenizer (its full serialised vocabulary, merges, normaliser and post-processor, special
 tokens and chat template), the prompt format, `max_length`, `train_on_prompt`, a forced
-record format and the cache layout version. Change any of them and the run tokenises afresh
-into a new folder. A folder is written under a temporary name and renamed when complete; two
-processes racing to write the same entry both succeed, one rename wins.
+record format, the field mapping (`--prompt-field`/`--response-field`/`--text-field`) and the
+cache version (raised when the layout, or what reading a file yields, changes). Change any of
+them and the run tokenises afresh into a new folder. A folder is written under a temporary
+name and renamed when complete; two processes racing to write the same entry both succeed, one
+rename wins. A data file that cannot be read (missing, a folder, a symbolic link loop) is a
+one-line `DataError`; a huge row is cut to what `max_length` can use before it reaches a worker.
 
 CACHE_DIR: `--data-cache`, else `$PHICORE_CACHE_DIR`, else `$XDG_CACHE_HOME/phicore/datasets`
 (`~/.cache/phicore/datasets`).
@@ -44,12 +47,13 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .files import iter_conversations
-from .formats import Conversation
+from .files import file_error, iter_conversations
+from .formats import Conversation, FieldMap
 from .prompts import PromptFormat
-from .tokenization import IGNORE_INDEX, Example, TokenizeStats, bos_ids, tokenize_conversation
+from .tokenization import (IGNORE_INDEX, Example, TokenizeStats, bound_conversation, bos_ids, field_char_limit,
+                           max_token_chars, tokenize_conversation)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: field mappings; rows refused or read differently (empty responses, tables, CR lines)
 META = "meta.json"
 FILES = {"input_ids": ("input_ids.i32", np.int32), "targets": ("targets.u8", np.uint8),
          "offsets": ("offsets.i64", np.int64), "lengths": ("lengths.i32", np.int32),
@@ -101,16 +105,22 @@ def prompt_format_fingerprint(fmt: PromptFormat) -> str:
 
 
 def cache_key(data_path, tokenizer, prompt_format: PromptFormat, *, max_length: int, train_on_prompt: bool,
-              record_format: Optional[str] = None) -> dict:
-    """The parts of the key (hashing the data file reads it once, in blocks)."""
+              record_format: Optional[str] = None, fields: Optional[FieldMap] = None) -> dict:
+    """The parts of the key (hashing the data file reads it once, in blocks; a file that
+    cannot be read is a `DataError`)."""
+    try:
+        data_sha256 = file_sha256(data_path)
+    except OSError as e:
+        raise file_error(str(data_path), e) from None
     return {
         "version": CACHE_VERSION,
-        "data_sha256": file_sha256(data_path),
+        "data_sha256": data_sha256,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "prompt_format": prompt_format_fingerprint(prompt_format),
         "max_length": int(max_length),
         "train_on_prompt": bool(train_on_prompt),
         "record_format": record_format,
+        "fields": (fields or FieldMap()).as_dict(),
     }
 
 
@@ -191,16 +201,17 @@ def open_entry(folder) -> CachedExamples:
 
 # ----------------------------------------------------------------------------- tokenising
 
-_JOB = None  # (tokenizer, prompt format, max_length, train_on_prompt, bos ids): set before forking
+_JOB = None  # (tokenizer, prompt format, max_length, train_on_prompt, bos ids, max token chars): set before forking
 
 
 def _tokenize_chunk(conversations: list[Conversation]):
     """Worker: a chunk of conversations -> flat arrays and the chunk's statistics."""
-    tokenizer, fmt, max_length, train_on_prompt, bos = _JOB
+    tokenizer, fmt, max_length, train_on_prompt, bos, token_chars = _JOB
     ids_out, targets_out, lengths, lines = [], [], [], []
     stats = TokenizeStats(total=len(conversations))
     for conv in conversations:
-        ids, labels, truncated = tokenize_conversation(conv, fmt, tokenizer, max_length, train_on_prompt, bos)
+        ids, labels, truncated = tokenize_conversation(conv, fmt, tokenizer, max_length, train_on_prompt, bos,
+                                                       token_chars)
         targets = [label != IGNORE_INDEX for label in labels]
         if not stats.count(len(ids), sum(targets), truncated):
             continue
@@ -224,9 +235,15 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 def count_lines(path) -> int:
-    """Newlines in a file (the progress bar's total for JSON Lines), read in blocks."""
+    """Line breaks in a file (\\n, \\r\\n or a lone \\r: the progress bar's total for JSON
+    Lines), read in blocks."""
+    count, last = 0, b""
     with open(path, "rb") as f:
-        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            joined = last[-1:] + block  # a \r\n split across blocks is counted once
+            count += block.count(b"\n") + block.count(b"\r") - joined.count(b"\r\n")
+            last = block
+    return count
 
 
 def default_workers() -> int:
@@ -297,15 +314,19 @@ def _shut_down(pool, pending: deque, grace: float = 30.0) -> None:
 
 
 def build_entry(folder: Path, data_path, key: dict, tokenizer, prompt_format: PromptFormat, *, max_length: int,
-                train_on_prompt: bool, record_format: Optional[str] = None, workers: Optional[int] = None,
-                show_progress: bool = True, log: Callable[[str], None] = print) -> Path:
+                train_on_prompt: bool, record_format: Optional[str] = None, fields: Optional[FieldMap] = None,
+                workers: Optional[int] = None, show_progress: bool = True,
+                log: Callable[[str], None] = print) -> Path:
     """Tokenise the data file into `folder` (written as a temporary folder, then renamed)."""
     global _JOB
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     data_path = Path(data_path)
     streaming = data_path.suffix.lower() == ".jsonl"
-    total = count_lines(data_path) if streaming else None
+    try:
+        total = count_lines(data_path) if streaming else None
+    except OSError as e:
+        raise file_error(str(data_path), e) from None
     if workers is None:  # every core, unless the file is too small to be worth forking for
         workers = 1 if total is not None and total < MIN_ROWS_FOR_WORKERS else default_workers()
     workers = max(1, workers)
@@ -318,14 +339,17 @@ def build_entry(folder: Path, data_path, key: dict, tokenizer, prompt_format: Pr
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     stats, offset, examples = TokenizeStats(), 0, 0
-    _JOB = (tokenizer, prompt_format, max_length, train_on_prompt, bos_ids(tokenizer))
+    token_chars = max_token_chars(tokenizer)
+    _JOB = (tokenizer, prompt_format, max_length, train_on_prompt, bos_ids(tokenizer), token_chars)
     started = time.perf_counter()
     try:
         files = {name: (tmp / file).open("wb") for name, (file, _) in FILES.items()}
         try:
             files["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
             bar = tqdm(total=total, desc="tokenising", unit="row", disable=not show_progress, dynamic_ncols=True)
-            conversations = iter_conversations(data_path, record_format)
+            limit = field_char_limit(max_length, token_chars)  # a huge row is cut before it reaches a worker
+            conversations = (bound_conversation(conv, limit)
+                             for conv in iter_conversations(data_path, record_format, fields))
             for ids, targets, lengths, lines, chunk_stats in _tokenized_chunks(conversations, workers):
                 files["input_ids"].write(ids.tobytes())
                 files["targets"].write(targets.tobytes())
@@ -356,24 +380,30 @@ def build_entry(folder: Path, data_path, key: dict, tokenizer, prompt_format: Pr
 
 
 def open_or_build(data_path, tokenizer, prompt_format: PromptFormat, *, max_length: int,
-                  train_on_prompt: bool = False, record_format: Optional[str] = None, cache_dir=None,
-                  build: bool = True, workers: Optional[int] = None, show_progress: bool = True,
+                  train_on_prompt: bool = False, record_format: Optional[str] = None,
+                  fields: Optional[FieldMap] = None, cache_dir=None, build: bool = True,
+                  workers: Optional[int] = None, show_progress: bool = True,
                   log: Callable[[str], None] = print, wait_seconds: float = 0.5) -> tuple[CachedExamples, bool]:
-    """The cached examples of a data file, tokenising it first on a miss.
+    """The cached examples of a data file, tokenising it first on a miss. `fields`: the
+    mapping of record fields or table columns (`FieldMap`), part of the key.
 
     Returns (examples, hit). With `build=False` (data-parallel ranks other than each node's
-    first) a miss waits for the entry to appear instead of tokenising too.
+    first) a miss waits for the entry to appear instead of tokenising too. A data file that
+    cannot be read or used raises `DataError` (one line).
     """
+    fields = fields or FieldMap()
+    if fields:
+        fields.check(str(data_path), record_format)
     key = cache_key(data_path, tokenizer, prompt_format, max_length=max_length, train_on_prompt=train_on_prompt,
-                    record_format=record_format)
+                    record_format=record_format, fields=fields)
     folder = entry_dir(cache_dir or default_cache_dir(), data_path, key)
     if (folder / META).exists():
         log(f"data cache: hit {folder} (no tokenisation)")
         return open_entry(folder), True
     if build:
         build_entry(folder, data_path, key, tokenizer, prompt_format, max_length=max_length,
-                    train_on_prompt=train_on_prompt, record_format=record_format, workers=workers,
-                    show_progress=show_progress, log=log)
+                    train_on_prompt=train_on_prompt, record_format=record_format, fields=fields,
+                    workers=workers, show_progress=show_progress, log=log)
         return open_entry(folder), False
     while not (folder / META).exists():  # the node's first rank is tokenising it
         time.sleep(wait_seconds)

@@ -21,6 +21,13 @@ Record formats (detected from the first record's fields; `format=` forces one):
 | `sharegpt`        | `{conversations: [{from, value}, ...]}` (from: system/human/gpt)   |
 | `oasst`           | an OpenAssistant message tree: `{text, role, replies}` nodes (role prompter/assistant), either the record itself or under its `prompt` key (the oasst "trees" export). One path is taken: at each node the reply with the lowest `rank` (rank 0 is the best; unranked replies come after ranked ones; ties keep file order), skipping replies marked `deleted`. |
 
+A `FieldMap` (`--prompt-field`, `--response-field`, `--text-field`) replaces detection: the
+named keys are the prompt and the response (a side left out is found by its known name), or
+the text of a plain record; other keys are ignored, as in every format.
+
+A response (every assistant turn) that is empty or only whitespace is an error, in every
+format: there is nothing to train on, and it is most often a broken row.
+
 Any problem raises `DataError` (a `ValueError`) with a one-line message that names the file and
 the line (or row), e.g. `data.jsonl:17: missing field "response" (found: prompt, answerx)`.
 """
@@ -44,6 +51,45 @@ _ROLE_ALIASES = {
 
 class DataError(ValueError):
     """A data file cannot be used; the message is one line naming the file and the line."""
+
+
+# Field (JSON key, table column) names that hold a prompt or a response, in order of preference.
+PROMPT_FIELDS = ("question", "prompt", "instruction", "query", "input", "setup")
+RESPONSE_FIELDS = ("answer", "response", "output", "completion", "punchline")
+MAPPING_FLAGS = "--prompt-field NAME --response-field NAME (or --text-field NAME)"
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which field of a record (a JSON key, a table column) holds the prompt, the response or
+    the whole text: `--prompt-field`, `--response-field`, `--text-field`. A side left as None
+    is found by its known names (`PROMPT_FIELDS`, `RESPONSE_FIELDS`); `text` alone makes plain
+    records. Fields the mapping does not use are ignored: the mapping says which ones count."""
+
+    prompt: Optional[str] = None
+    response: Optional[str] = None
+    text: Optional[str] = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.prompt, self.response, self.text))
+
+    def as_dict(self) -> dict:
+        return {"prompt": self.prompt, "response": self.response, "text": self.text}
+
+    def check(self, name: str, format: Optional[str] = None) -> None:
+        """Raise `DataError` naming `name` when the mapping contradicts itself or `format`."""
+        for flag, value in (("--prompt-field", self.prompt), ("--response-field", self.response),
+                            ("--text-field", self.text)):
+            if value is not None and not value.strip():
+                raise DataError(f"{name}: {flag} is empty (give a column or key name)")
+        if self.prompt is not None and self.prompt == self.response:
+            raise DataError(f"{name}: --prompt-field and --response-field both name {self.prompt!r}")
+        if self.text is not None and (self.prompt is not None or self.response is not None):
+            raise DataError(f"{name}: --text-field (the whole text is the target) cannot be combined with "
+                            "--prompt-field/--response-field")
+        if self and format is not None:
+            raise DataError(f"{name}: --format {format} cannot be combined with --prompt-field/--response-field/"
+                            "--text-field (the mapping already says which fields are read)")
 
 
 @dataclass(frozen=True)
@@ -123,7 +169,9 @@ def _get_list(record: dict, key: str, where: Where) -> list:
     return value
 
 
-def _pair(prompt: str, response: str, where: Where) -> Conversation:
+def _pair(prompt: str, response: str, where: Where, field: str) -> Conversation:
+    if not response.strip():
+        raise where.error(f'field "{field}" is empty (a response to train on is needed)')
     return Conversation((Turn("user", prompt), Turn("assistant", response)), where.source)
 
 
@@ -133,21 +181,21 @@ def join_instruction_input(instruction: str, extra: str) -> str:
 
 
 def _parse_prompt_response(r: dict, where: Where) -> Conversation:
-    return _pair(_get_str(r, "prompt", where), _get_str(r, "response", where), where)
+    return _pair(_get_str(r, "prompt", where), _get_str(r, "response", where), where, "response")
 
 
 def _parse_question_answer(r: dict, where: Where) -> Conversation:
-    return _pair(_get_str(r, "question", where), _get_str(r, "answer", where), where)
+    return _pair(_get_str(r, "question", where), _get_str(r, "answer", where), where, "answer")
 
 
 def _parse_joke(r: dict, where: Where) -> Conversation:
-    return _pair(_get_str(r, "setup", where), _get_str(r, "punchline", where), where)
+    return _pair(_get_str(r, "setup", where), _get_str(r, "punchline", where), where, "punchline")
 
 
 def _parse_alpaca(r: dict, where: Where) -> Conversation:
     instruction = _get_str(r, "instruction", where)
     extra = _get_str(r, "input", where, optional=True)
-    return _pair(join_instruction_input(instruction, extra), _get_str(r, "output", where), where)
+    return _pair(join_instruction_input(instruction, extra), _get_str(r, "output", where), where, "output")
 
 
 def _parse_self_instruct(r: dict, where: Where) -> Conversation:
@@ -157,7 +205,7 @@ def _parse_self_instruct(r: dict, where: Where) -> Conversation:
         raise where.error(f'instances[0] must be an object, got {json_type_name(first)}')
     inner = Where(*where.source, label=f"{where.label}: instances[0]")
     extra = _get_str(first, "input", inner, optional=True)
-    return _pair(join_instruction_input(instruction, extra), _get_str(first, "output", inner), where)
+    return _pair(join_instruction_input(instruction, extra), _get_str(first, "output", inner), inner, "output")
 
 
 def _parse_text(r: dict, where: Where) -> Conversation:
@@ -182,7 +230,10 @@ def _turns_from_list(items: list, key_role: str, key_content: str, field: str,
                               f'{", ".join(sorted(_ROLE_ALIASES))})')
         if not isinstance(content, str):
             raise where.error(f'{field}[{i}].{key_content} must be a string, got {json_type_name(content)}')
-        turns.append(Turn(_ROLE_ALIASES[role.lower()], content))
+        turn = Turn(_ROLE_ALIASES[role.lower()], content)
+        if turn.role == "assistant" and not content.strip():
+            raise where.error(f'{field}[{i}]: empty assistant "{key_content}" (a response to train on is needed)')
+        turns.append(turn)
     return tuple(turns)
 
 
@@ -233,6 +284,8 @@ def _parse_oasst(r: dict, where: Where) -> Conversation:
         if role not in ("prompter", "assistant", "user", "system"):
             raise where.error(f'{label}: unknown role {role!r} (expected prompter or assistant)')
         turns.append(Turn(_ROLE_ALIASES[role], text))
+        if turns[-1].role == "assistant" and not text.strip():
+            raise where.error(f'{label}: empty assistant "text" (a response to train on is needed)')
         replies = node.get("replies") or []
         if not isinstance(replies, list):
             raise where.error(f'{label}: field "replies" must be a list, got {json_type_name(replies)}')
@@ -269,6 +322,10 @@ def _parse_human_assistant(r: dict, where: Where) -> Conversation:
     turns = split_human_assistant(text)
     if not any(t.role == "assistant" for t in turns):
         raise where.error('no "Assistant:" turn found in field "text"')
+    empty = next((i for i, t in enumerate(turns) if t.role == "assistant" and not t.content), None)
+    if empty is not None:
+        raise where.error(f'field "text": turn {empty + 1} is an empty "Assistant:" turn '
+                          "(a response to train on is needed)")
     return _checked(Conversation(tuple(turns), where.source), where)
 
 
@@ -322,6 +379,50 @@ def detect_format(record: Any) -> Optional[str]:
     return None
 
 
+def _known_field(record: dict, known: Sequence[str], flag: str, side: str, where: Where) -> str:
+    key = next((k for k in known if k in record), None)
+    if key is None:
+        raise where.error(f"no {side} field ({'/'.join(known)}): name yours with {flag} NAME "
+                          f"(found: {_fields(record)})")
+    return key
+
+
+def mapped_parser(fields: FieldMap) -> Callable[[dict, Where], Conversation]:
+    """The parser for records read through a field mapping (see `FieldMap`): the mapped keys,
+    and for a side the mapping leaves out, the first known name the record has (a known
+    `instruction` prompt takes an `input` with it, as in `alpaca`)."""
+
+    def parse(r: dict, where: Where) -> Conversation:
+        if fields.text is not None:
+            text = _get_str(r, fields.text, where)
+            if not text.strip():
+                raise where.error(f'field "{fields.text}" is empty')
+            return Conversation.from_text(text, where.source)
+        prompt_key = fields.prompt or _known_field(r, PROMPT_FIELDS, "--prompt-field", "prompt", where)
+        response_key = fields.response or _known_field(r, RESPONSE_FIELDS, "--response-field", "response", where)
+        if prompt_key == response_key:
+            raise where.error(f'field "{prompt_key}" would be both the prompt and the response; name the other '
+                              "with --prompt-field/--response-field")
+        prompt = _get_str(r, prompt_key, where)
+        if fields.prompt is None and prompt_key == "instruction":
+            prompt = join_instruction_input(prompt, _get_str(r, "input", where, optional=True))
+        return _pair(prompt, _get_str(r, response_key, where), where, response_key)
+
+    return parse
+
+
+def record_parser(first: Any, where: Where, fmt: Optional[str] = None,
+                  fields: Optional[FieldMap] = None) -> Callable[[dict, Where], Conversation]:
+    """The parser for a file's records: the mapping's, the forced format's, or the format the
+    first record's fields suggest (`where`: that record's place, for the error)."""
+    if fields:
+        return mapped_parser(fields)
+    fmt = fmt or detect_format(first)
+    if fmt is None:
+        raise undetected_format(first, where)
+    return PARSERS[fmt]
+
+
 def undetected_format(record: Any, where: Where) -> DataError:
     """The error for a first record whose fields match no format."""
     if not isinstance(record, dict):
@@ -329,27 +430,29 @@ def undetected_format(record: Any, where: Where) -> DataError:
     return where.error(
         f"cannot tell the data format from the fields ({_fields(record)}); expected "
         "prompt/response, question/answer, instruction/input/output, text, messages, "
-        "conversations, setup/punchline or an OpenAssistant tree (or force one with format=)")
+        "conversations, setup/punchline or an OpenAssistant tree; force one with --format, or map "
+        f"your fields with {MAPPING_FLAGS}")
 
 
-def check_format(format: Optional[str], name: str) -> None:
-    """Raise `DataError` naming `name` unless `format` is None (detect) or one of `FORMATS`."""
+def check_format(format: Optional[str], name: str, fields: Optional[FieldMap] = None) -> None:
+    """Raise `DataError` naming `name` unless `format` is None (detect) or one of `FORMATS`,
+    and `fields` (if any) is a mapping that can be used with it."""
     if format is not None and format not in PARSERS:
         raise DataError(f"{name}: unknown format {format!r} (known: {', '.join(FORMATS)})")
+    if fields is not None:
+        fields.check(name, format)
 
 
 # --------------------------------------------------------------------------- many records
 
-def parse_records(records: list[tuple[Any, int]], path: str, fmt: Optional[str]) -> list[Conversation]:
-    """(record, line) pairs -> conversations, in one format: `fmt`, or the first record's."""
+def parse_records(records: list[tuple[Any, int]], path: str, fmt: Optional[str],
+                  fields: Optional[FieldMap] = None) -> list[Conversation]:
+    """(record, line) pairs -> conversations, in one format: the mapping's, `fmt`, or the first
+    record's."""
     if not records:
         raise DataError(f"{path}: no records")
-    if fmt is None:
-        first, line = records[0]
-        fmt = detect_format(first)
-        if fmt is None:
-            raise undetected_format(first, Where(path, line))
-    parser = PARSERS[fmt]
+    first, line = records[0]
+    parser = record_parser(first, Where(path, line), fmt, fields)
     out = []
     for record, line in records:
         where = Where(path, line)
@@ -360,7 +463,7 @@ def parse_records(records: list[tuple[Any, int]], path: str, fmt: Optional[str])
 
 
 def conversations_from_records(records: Sequence[dict], format: Optional[str] = None,
-                               name: str = "<records>") -> list[Conversation]:
+                               name: str = "<records>", fields: Optional[FieldMap] = None) -> list[Conversation]:
     """Like `read_conversations` for records already in memory (line = 1-based index)."""
-    check_format(format, name)
-    return parse_records([(r, i) for i, r in enumerate(records, start=1)], name, format)
+    check_format(format, name, fields)
+    return parse_records([(r, i) for i, r in enumerate(records, start=1)], name, format, fields)

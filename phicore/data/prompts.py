@@ -35,6 +35,7 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
+from ..chat_template import ChatTemplateError, template_failure, template_source
 from .formats import Conversation, Turn
 
 INSTRUCT_TEMPLATE = "Instruct: {prompt}\nOutput: {response}"
@@ -146,14 +147,23 @@ class TemplateFormat(PromptFormat):
 
 
 class ChatTemplateFormat(PromptFormat):
-    """Render with the tokenizer's chat template; targets found by rendering prefixes."""
+    """Render with the tokenizer's chat template; targets found by rendering prefixes.
+
+    The template is tried once when the format is made (a user turn and an answer, and the
+    generation prompt for a user turn), so a template that cannot work fails before any data is
+    tokenised. Its failures are `ChatTemplateError`s (``ValueError``) naming the file the
+    template came from (`phicore.chat_template.template_source`).
+    """
 
     name = "chat"
+    _PROBE = ({"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"})
 
     def __init__(self, tokenizer):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template")
         self.tokenizer = tokenizer
+        self._render(list(self._PROBE), add_generation_prompt=False)
+        self._render(list(self._PROBE[:1]), add_generation_prompt=True)
         stop_ids = list(getattr(tokenizer, "stop_token_ids", None) or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
             stop_ids.append(tokenizer.eos_token_id)
@@ -162,8 +172,15 @@ class ChatTemplateFormat(PromptFormat):
         self.end_markers = sorted((t for t in texts if t.strip()), key=len, reverse=True)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except Exception as err:  # the template's own code failed: one line, naming the file it came from
+            failure = template_failure(err)
+            if failure is None:
+                raise
+            source = template_source(getattr(self.tokenizer, "name_or_path", None))
+            raise ChatTemplateError(f"{source}: {failure}") from None
 
     def _segments(self, turns: list[Turn]) -> list[Segment]:
         messages = [{"role": t.role, "content": t.content} for t in turns]

@@ -14,6 +14,9 @@
 - An EOS segment becomes `tokenizer.eos_token_id`, a target.
 - Rows longer than `max_length` are cut at the end (counted in `stats.truncated`); rows left
   with no target token are dropped (counted in `stats.dropped_no_target`).
+- Before any of that, a record's text is bounded (`bound_conversation`): each turn's content is
+  cut to `field_char_limit` characters, and turns that start past that many characters of
+  content are left out, so one huge row costs what a `max_length` row costs, not its size.
 
 Labels are NOT shifted: `labels[b, t]` is the label of `input_ids[b, t]`; the trainer compares
 `logits[:, :-1]` with `labels[:, 1:]`. `tokenize_conversation` is the one place a record
@@ -25,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .formats import Conversation, DataError
+from .formats import Conversation, DataError, Turn
 from .prompts import PromptFormat, Segment
 
 IGNORE_INDEX = -100  # the label of a token that takes no loss (F.cross_entropy's default)
@@ -68,6 +71,52 @@ class TokenizeStats:
     def summary(self) -> str:
         return (f"{self.kept}/{self.total} examples, {self.tokens} tokens ({self.target_tokens} "
                 f"targets); {self.truncated} truncated, {self.dropped_no_target} dropped with no target left")
+
+
+FALLBACK_TOKEN_CHARS = 128  # a token's characters at most, for a tokenizer that shows no vocabulary
+FIELD_MARGIN_CHARS = 1024  # kept past the bound, so the word (pre-token) at the cut is not the one split
+
+
+def max_token_chars(tokenizer) -> int:
+    """How many characters one token can stand for at most: the longest string in the
+    vocabulary, added tokens included (byte-level BPE writes a token one character per byte,
+    SentencePiece writes "▁" for a space, so a token covers at most that many characters of
+    text). Phi-2: 128; Phi-3: 16."""
+    get_vocab = getattr(getattr(tokenizer, "backend", None), "get_vocab", None)
+    if get_vocab is None:
+        return FALLBACK_TOKEN_CHARS
+    return max(map(len, get_vocab(with_added_tokens=True)), default=FALLBACK_TOKEN_CHARS)
+
+
+def field_char_limit(max_length: int, token_chars: int) -> int:
+    """The characters of one field that can reach the first `max_length` tokens of a row.
+
+    No token covers more than `token_chars` characters, so the first `max_length` tokens of a
+    row end at most `max_length * token_chars` characters into any field (whatever comes
+    before the field only uses up tokens sooner). The tokenizer's pre-tokenizer splits text
+    into words before BPE sees it, so cutting a field after that point, plus a margin, changes
+    only the words at the cut, which lie past every kept token: for normal text the kept
+    tokens are exactly those of the whole field. (A single "word" longer than the margin, e.g.
+    megabytes without a space, may tokenise differently at the end of the kept tokens.)
+    """
+    return max_length * token_chars + FIELD_MARGIN_CHARS
+
+
+def bound_conversation(conv: Conversation, limit: int) -> Conversation:
+    """`conv` with each turn's content cut to `limit` characters, and without the turns that
+    start after `limit` characters of content (their text cannot reach the kept tokens; the
+    first assistant turn is always kept, so a row whose target lies past the cut is still
+    counted as "dropped with no target left"). The same conversation when nothing is that long."""
+    if sum(len(t.content) for t in conv.turns) <= limit:
+        return conv
+    turns, seen, answered = [], 0, False
+    for turn in conv.turns:
+        if seen > limit and answered:
+            break
+        turns.append(Turn(turn.role, turn.content[:limit]) if len(turn.content) > limit else turn)
+        seen += len(turn.content)
+        answered = answered or turn.role == "assistant"
+    return Conversation(tuple(turns), conv.source, conv.plain)
 
 
 def bos_ids(tokenizer) -> list[int]:
@@ -150,13 +199,16 @@ def tokenize_segments(segments: Sequence[Segment], tokenizer, train_on_prompt: b
 
 
 def tokenize_conversation(conv: Conversation, fmt: PromptFormat, tokenizer, max_length: int,
-                          train_on_prompt: bool = False,
-                          bos: Optional[list[int]] = None) -> tuple[list[int], list[int], bool]:
+                          train_on_prompt: bool = False, bos: Optional[list[int]] = None,
+                          token_chars: Optional[int] = None) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated) for one conversation, cut to `max_length` tokens.
 
     The one place a record becomes tokens: `tokenize_dataset` and the dataset cache's worker
-    processes both call it, so cached and in-memory examples are the same.
+    processes both call it, so cached and in-memory examples are the same. `token_chars`:
+    `max_token_chars(tokenizer)`, computed once by callers that tokenise many rows.
     """
+    token_chars = max_token_chars(tokenizer) if token_chars is None else token_chars
+    conv = bound_conversation(conv, field_char_limit(max_length, token_chars))
     try:
         segments = fmt.segments(conv)
     except ValueError as e:  # e.g. a chat template that drops a turn: say which record
@@ -172,10 +224,11 @@ def tokenize_dataset(conversations: Sequence[Conversation], fmt: PromptFormat, t
     """Conversations -> examples no longer than `max_length`, and what was cut or dropped."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    bos = bos_ids(tokenizer)
+    bos, token_chars = bos_ids(tokenizer), max_token_chars(tokenizer)
     stats, out = TokenizeStats(total=len(conversations)), []
     for conv in conversations:
-        ids, labels, truncated = tokenize_conversation(conv, fmt, tokenizer, max_length, train_on_prompt, bos)
+        ids, labels, truncated = tokenize_conversation(conv, fmt, tokenizer, max_length, train_on_prompt, bos,
+                                                       token_chars)
         example = Example(ids, labels, conv.source)
         if stats.count(len(ids), example.num_targets, truncated):
             out.append(example)

@@ -323,7 +323,10 @@ def write_gguf(model: nn.Module, tokenizer, path, out_type: str = "f16", *, name
         writer.close()
         os.replace(tmp, path)
     except BaseException:
-        writer.close()
+        try:
+            writer.close()
+        except OSError:  # closing flushes: on a full disk that fails too, and the first error is the one to report
+            pass
         tmp.unlink(missing_ok=True)
         raise
     return path

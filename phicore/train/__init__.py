@@ -1,7 +1,8 @@
 """Training: the run's settings (config.py, `RunConfig`), one run end to end (run.py,
-`finetune`), the loop (loop.py) with its step (step.py) and state (state.py), the
-learning-rate schedule (schedule.py), checkpoints (checkpoint.py), metrics files (metrics.py)
-and data parallelism under torchrun (distributed.py)."""
+`finetune`), where it starts (resume.py) and the folder it writes (output.py), the loop
+(loop.py) with its step (step.py) and state (state.py), the learning-rate schedule
+(schedule.py), checkpoints (checkpoint.py), metrics files (metrics.py) and data parallelism
+under torchrun (distributed.py)."""
 
 from importlib import import_module
 

@@ -7,8 +7,11 @@ OUT/checkpoint-STEP/ holds
                                                    data-parallel run, every rank's under "ranks"
   trainer_state.json                               TrainerState: step, epoch, batch position, best val loss, ...
   run_config.json                                  the run's RunConfig (a valid train.py --config)
+  manifest.json                                    size and sha256 of every other file: written last
 A checkpoint is written under a temporary name and renamed when complete, so a crash never
-leaves a half-written checkpoint that `--resume auto` would pick.
+leaves a half-written checkpoint that `--resume auto` would pick; the manifest makes a
+checkpoint damaged later (a truncated or edited file, a full disk) recognisable, so
+`--resume auto` falls back to the newest intact one (`find_resumable`).
 
 Data-parallel runs (`dist`, a `distributed.DistContext`): every rank calls `save_checkpoint`
 (the RNG states are gathered, FSDP2's sharded adapter and optimizer tensors are gathered into
@@ -18,6 +21,7 @@ run's. Every rank calls `load_checkpoint` and takes its own RNG state back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -33,6 +37,9 @@ from .state import TrainerState
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+CONFIG_FILE = "run_config.json"
+FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng_state.pt", CONFIG_FILE, STATE_FILE)
 
 
 def checkpoint_dir(out_dir, step: int) -> Path:
@@ -40,27 +47,87 @@ def checkpoint_dir(out_dir, step: int) -> Path:
 
 
 def list_checkpoints(out_dir) -> list:
-    """Complete checkpoints (those with a trainer state) sorted by step."""
+    """Checkpoint folders that were completely written (renamed into place), sorted by step."""
     found = []
     for path in Path(out_dir).glob(f"{PREFIX}*"):
         suffix = path.name[len(PREFIX):]
-        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).exists():
+        if path.is_dir() and suffix.isdigit() and ((path / MANIFEST).exists() or (path / STATE_FILE).exists()):
             found.append((int(suffix), path))
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume(out_dir, resume: Optional[str]) -> Optional[Path]:
-    """`auto` -> the latest complete checkpoint in out_dir (None if there is none); a path ->
-    that checkpoint, which must be complete."""
-    if not resume:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path) -> Optional[str]:
+    """What is wrong with a checkpoint folder, in a few words naming the file; None when it is
+    intact (every file present with the size and sha256 its manifest gives)."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():  # written before checkpoints had manifests: check what can be
+        missing = [name for name in FILES if not (path / name).is_file()]
+        if missing:
+            return f"{path / missing[0]}: missing"
+        try:
+            json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return f"{path / STATE_FILE}: not valid JSON"
         return None
-    if resume == "auto":
-        found = list_checkpoints(out_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"{path}: not a complete phicore checkpoint (no {STATE_FILE})")
-    return path
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return f"{path / MANIFEST}: not valid"
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{file}: {file.stat().st_size} bytes, {expected['size']} written (truncated or replaced)"
+        if _sha256(file) != expected["sha256"]:
+            return f"{file}: contents changed since it was written"
+    return None
+
+
+def find_resumable(out_dir, resume: Optional[str]) -> tuple:
+    """(checkpoint to resume from or None, [one-line warnings]). `auto`: the newest intact
+    checkpoint in out_dir, each newer damaged one named in a warning; a path: that checkpoint,
+    which must be intact (ValueError otherwise; FileNotFoundError when it is not one)."""
+    if not resume:
+        return None, []
+    if resume != "auto":
+        path = Path(resume)
+        if not ((path / MANIFEST).exists() or (path / STATE_FILE).exists()):
+            raise FileNotFoundError(f"{path}: not a complete phicore checkpoint (no {STATE_FILE})")
+        problem = damage(path)
+        if problem:
+            raise ValueError(f"--resume {path}: damaged checkpoint: {problem}")
+        return path, []
+    warnings = []
+    for path in reversed(list_checkpoints(out_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path, warnings
+        warnings.append(f"warning: skipping damaged checkpoint {path.name}: {problem}")
+    return None, warnings
+
+
+def saved_state(path) -> dict:
+    """A checkpoint's trainer_state.json (TrainerState fields, its world size, total steps)."""
+    return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def saved_config(path) -> dict:
+    """A checkpoint's run_config.json: the RunConfig's settings (older checkpoints: {} when the
+    file held another layout)."""
+    try:
+        config = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) and "args" not in config else {}
 
 
 def _rng_state() -> dict:
@@ -89,13 +156,13 @@ def save_checkpoint(out_dir, state: TrainerState, model, optimizer, run_config: 
         if dist.is_main:
             tmp = final.with_name(final.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_adapter(model, tmp)
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-            torch.save({**rng, "ranks": ranks} if ranks else rng, tmp / "rng_state.pt")
-            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str), encoding="utf-8")
-            saved_state = {**state.to_dict(), "world_size": dist.world_size}
-            (tmp / STATE_FILE).write_text(json.dumps(saved_state, indent=2), encoding="utf-8")  # last: marks complete
+            try:
+                _write_folder(tmp, model, optimizer_state, {**rng, "ranks": ranks} if ranks else rng, run_config,
+                              {**state.to_dict(), "world_size": dist.world_size})
+            except BaseException as err:
+                if not isinstance(err, KeyboardInterrupt):  # a full disk, say: no half folder left behind
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -106,9 +173,33 @@ def save_checkpoint(out_dir, state: TrainerState, model, optimizer, run_config: 
     return final
 
 
+def _write_folder(tmp: Path, model, optimizer_state: dict, rng: dict, run_config: dict, state: dict) -> None:
+    tmp.mkdir(parents=True)
+    save_adapter(model, tmp)
+    _torch_save(optimizer_state, tmp / "optimizer.pt")
+    _torch_save(rng, tmp / "rng_state.pt")
+    (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=2, default=str), encoding="utf-8")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+    files = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+             for name in sorted(p.name for p in tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2), encoding="utf-8")  # last
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file, so that a write error (a full disk) comes out as the
+    OSError it is, naming the file, not as torch's RuntimeError around it."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            if isinstance(err.__context__, OSError):
+                raise OSError(err.__context__.errno, err.__context__.strerror, str(path)) from None
+            raise
+
+
 def checkpoint_world_size(path) -> int:
     """How many data-parallel processes wrote the checkpoint (1 for older checkpoints)."""
-    return int(json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8")).get("world_size", 1))
+    return int(saved_state(path).get("world_size", 1))
 
 
 def load_checkpoint(path, model, optimizer, dist: Optional[DistContext] = None) -> dict:
@@ -132,4 +223,4 @@ def load_checkpoint(path, model, optimizer, dist: Optional[DistContext] = None) 
     dist.shard_optimizer_state(optimizer)
     rng = torch.load(path / "rng_state.pt", weights_only=True)
     _set_rng_state(rng["ranks"][dist.rank] if "ranks" in rng else rng)
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return saved_state(path)

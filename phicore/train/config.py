@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from ..data import FORMATS
 from ..settings import (SettingsError, build_parser, check, cli_values, from_sources, normalize_argv,
-                        read_config_file, setting, to_dict)
+                        read_config_file, setting, settings_of, to_dict)
 from ..weights import DTYPE_NAMES
 from .schedule import SCHEDULES
 
@@ -29,6 +29,11 @@ DEFAULT_LR = 2e-4  # real models; the random-weight tiny presets declare their o
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CONFIG_FLAG_HELP = ("read settings from a TOML, JSON or YAML file (flat `name = value`; an earlier run's "
                     "training_config.json works too); flags given here override it")
+
+
+class UsageError(Exception):
+    """Bad input found while preparing a run beyond the settings themselves (a data file, the model
+    folder, the output folder, a checkpoint): printed as one line, exit code 2."""
 
 
 @dataclasses.dataclass
@@ -42,14 +47,23 @@ class RunConfig:
 
     # -- data
     data: Optional[str] = setting(None, "training data file: .jsonl, .json, .csv, .tsv, .xlsx (required)",
-                                  section="data", aliases=("--dataset_path",), metavar="FILE")
+                                  section="data", aliases=("--dataset_path",), metavar="FILE",
+                                  resumable="free")  # on resume its contents are compared, by sha256
     format: Optional[str] = setting(None, "force a record format instead of detecting it from the fields",
                                     section="data", choices=FORMATS)
+    prompt_field: Optional[str] = setting(None, "the column (CSV/TSV/XLSX) or key (JSON/JSONL records) that holds the "
+                                          "prompt, for names not detected (the columns not mapped are ignored)",
+                                          section="data", metavar="NAME")
+    response_field: Optional[str] = setting(None, "the column (CSV/TSV/XLSX) or key (JSON/JSONL records) that holds "
+                                            "the response", section="data", metavar="NAME")
+    text_field: Optional[str] = setting(None, "the column (CSV/TSV/XLSX) or key (JSON/JSONL records) that holds the "
+                                        "whole text: plain records, all of it trained on", section="data",
+                                        metavar="NAME")
     template: Optional[str] = setting(None, 'prompt format: "instruct", "chat", or a custom string with {prompt} '
                                       "and {response} (default: the model's chat template, else instruct)",
                                       section="data")
     val_data: Optional[str] = setting(None, "separate validation file (default: --val-split of the training data)",
-                                      section="data", metavar="FILE")
+                                      section="data", metavar="FILE", resumable="free")  # contents compared too
     val_split: float = setting(0.1, "fraction of the data held out for validation (seeded)", section="data",
                                range="[0, 1)")
     max_length: int = setting(1024, "tokens per example; longer rows are cut", section="data", range="[2, inf)",
@@ -57,7 +71,7 @@ class RunConfig:
     train_on_prompt: bool = setting(False, "compute the loss on prompt tokens too", section="data")
     pack: bool = setting(False, "pack several examples per sequence (block-diagonal attention)", section="data")
     data_cache: Optional[str] = setting(None, "tokenised dataset cache folder (default: $PHICORE_CACHE_DIR or "
-                                        "~/.cache/phicore/datasets)", section="data", metavar="DIR")
+                                        "~/.cache/phicore/datasets)", section="data", metavar="DIR", resumable="free")
 
     # -- LoRA
     lora_r: int = setting(16, "LoRA rank", section="LoRA", range="[1, inf)")
@@ -79,7 +93,7 @@ class RunConfig:
 
     # -- optimisation
     lr: Optional[float] = setting(None, f"peak learning rate (default {DEFAULT_LR}; the tiny presets' own, 2e-3)",
-                                  section="optimisation", range="(0, inf)", aliases=("--learning_rate",))
+                                  section="optimisation", range="(0, 1]", aliases=("--learning_rate",))
     batch_size: int = setting(4, "examples per micro-batch (per process under torchrun)", section="optimisation",
                               range="[1, inf)", aliases=("--per_device_train_batch_size",))
     grad_accum: int = setting(1, "micro-batches per optimizer step", section="optimisation", range="[1, inf)",
@@ -92,9 +106,9 @@ class RunConfig:
 
     # -- schedule
     epochs: float = setting(3.0, "passes over the training data", section="schedule", range="(0, inf)",
-                            aliases=("--num_train_epochs",))
+                            aliases=("--num_train_epochs",), resumable="schedule")
     max_steps: Optional[int] = setting(None, "optimizer steps (overrides --epochs)", section="schedule",
-                                       range="[1, inf)")
+                                       range="[1, inf)", resumable="schedule")
     warmup_ratio: float = setting(0.05, "warmup as a fraction of the steps", section="schedule", range="[0, 1)")
     warmup_steps: int = setting(0, "warmup steps (overrides --warmup-ratio when above 0)", section="schedule",
                                 range="[0, inf)")
@@ -102,41 +116,52 @@ class RunConfig:
 
     # -- evaluation
     eval_every: Optional[int] = setting(None, "evaluate every N steps (default: once an epoch)", section="evaluation",
-                                        range="[1, inf)", aliases=("--eval_steps",))
+                                        range="[1, inf)", aliases=("--eval_steps",), resumable="free")
     early_stopping_patience: Optional[int] = setting(None, "stop after N evaluations without improvement",
-                                                     section="evaluation", range="[1, inf)")
+                                                     section="evaluation", range="[1, inf)", resumable="free")
 
     # -- checkpoints
     save_every: Optional[int] = setting(None, "write a checkpoint every N steps (default: only on Ctrl-C and "
                                         "--stop-after)", section="checkpoints", range="[1, inf)",
-                                        aliases=("--save_steps",))
-    keep_last: int = setting(2, "checkpoints to keep (0 keeps every one)", section="checkpoints", range="[0, inf)")
-    resume: Optional[str] = setting(None, "continue from a checkpoint folder, or 'auto' for the latest in --out",
-                                    section="checkpoints", aliases=("--resume_from_checkpoint",), saved=False)
+                                        aliases=("--save_steps",), resumable="free")
+    keep_last: int = setting(2, "checkpoints to keep (0 keeps every one)", section="checkpoints", range="[0, inf)",
+                             resumable="free")
+    resume: Optional[str] = setting(None, "continue from a checkpoint folder, or 'auto' for the latest intact one in "
+                                    "--out (a finished run: its outputs are checked, nothing is retrained)",
+                                    section="checkpoints", aliases=("--resume_from_checkpoint",), saved=False,
+                                    resumable="free")
     stop_after: Optional[int] = setting(None, "write a checkpoint and stop once this many steps are done (job time "
                                         "limits); --resume auto continues", section="checkpoints", range="[1, inf)",
-                                        saved=False)
+                                        saved=False, resumable="free")
 
     # -- device and precision
-    device: Optional[str] = setting(None, "cpu, cuda, cuda:1, mps (default: the best available)", section="device")
+    device: Optional[str] = setting(None, "cpu, cuda, cuda:1, mps (default: the best available)", section="device",
+                                    resumable="free")
     dtype: Optional[str] = setting(None, "dtype of the base weights (default: fp32 on CPU and MPS, bf16 on CUDA)",
                                    section="device", choices=DTYPE_NAMES)
     precision: str = setting("auto", "autocast precision (auto: bf16 or fp16 on CUDA, fp32 elsewhere)",
                              section="device", choices=PRECISIONS, switches={"--bf16": "bf16", "--fp16": "fp16"})
     grad_checkpointing: bool = setting(True, "recompute each decoder layer in backward to save memory",
-                                       section="device", aliases=("--gradient_checkpointing",))
+                                       section="device", aliases=("--gradient_checkpointing",), resumable="free")
     offload_checkpoints: bool = setting(False, "with --grad-checkpointing: hold each decoder layer's checkpointed "
                                         "input in pinned CPU memory until backward instead of on the GPU (saves "
                                         "layers x tokens x hidden x 2 bytes, ~0.4 GB for Phi-3-mini at 2048 tokens; "
-                                        "costs two PCIe copies of each, overlapped)", section="device")
+                                        "costs two PCIe copies of each, overlapped)", section="device",
+                                        resumable="free")
     fsdp: bool = setting(False, "under torchrun: shard the frozen base and the adapter across the GPUs with FSDP2 "
                          "(models that do not fit one GPU); not with --quantize", section="device")
-    compile: bool = setting(False, "torch.compile the model", section="device", aliases=("--torch_compile",))
+    compile: bool = setting(False, "torch.compile the model", section="device", aliases=("--torch_compile",),
+                            resumable="free")
 
     # -- output
     out: str = setting("out", "output folder: adapter, checkpoints, metrics, training_config.json", section="output",
-                       aliases=("--output_dir",), metavar="DIR")
-    quiet: bool = setting(False, "no progress bar", section="output")
+                       aliases=("--output_dir",), metavar="DIR", resumable="free")
+    quiet: bool = setting(False, "no progress bar", section="output", resumable="free")
+    overwrite: bool = setting(False, "start a new run in an --out that holds a finished run or checkpoints; the "
+                              "earlier run's files are set aside, and deleted only once the new run has finished",
+                              section="output", aliases=("--overwrite_output_dir",), saved=False, resumable="free")
+    debug: bool = setting(False, "show the Python traceback of an error too, not only its one line",
+                          section="output", saved=False, resumable="free")
 
     def __post_init__(self):
         if self.lr is None:  # derived once here, so the saved config names the rate the run used
@@ -170,9 +195,28 @@ class RunConfig:
                                 "floating-point parameters and a 4-bit base is packed bytes. For QLoRA on several "
                                 "GPUs leave out --fsdp (data parallel: each GPU holds the whole 4-bit base)",
                                 field="fsdp")
+        if self.resume is not None and self.overwrite:
+            raise SettingsError("give --resume (continue the run in --out) or --overwrite (replace it), not both",
+                                field="overwrite")
         if self.compute_dtype is not None and self.quantize is None:
             raise SettingsError("--compute-dtype sets the dtype NF4 layers compute in: it needs --quantize nf4 "
                                 "(--dtype sets the dtype of a dense base)", field="compute_dtype")
+
+    # -- resuming
+    def changes_from(self, saved: dict) -> tuple:
+        """Compare with the settings a checkpoint (or finished run) saved: (refused, allowed),
+        each a list of (flag, saved value, value now). Settings declared resumable="same" change
+        the training trajectory and are refused; "free" ones (where files go, how often to save
+        or evaluate, memory savings) and "schedule" ones (--max-steps, --epochs: how long the
+        run is) are allowed."""
+        refused, allowed = [], []
+        for spec in settings_of(type(self)):
+            if not spec.saved or spec.name not in saved:
+                continue
+            old, new = saved[spec.name], getattr(self, spec.name)
+            if old != new:
+                (refused if spec.resumable == "same" else allowed).append((spec.flag, old, new))
+        return refused, allowed
 
     # -- conversions
     def to_dict(self) -> dict:

@@ -85,8 +85,16 @@ class DistContext:
 
     # ------------------------------------------------------------------------- setup
     def device_for(self, requested: Optional[str], default: torch.device) -> torch.device:
-        """This rank's device: cuda:LOCAL_RANK when training on CUDA data-parallel."""
+        """This rank's device: cuda:LOCAL_RANK when training on CUDA data-parallel. A device this
+        machine does not have is a DistributedSetupError."""
         device = torch.device(requested) if requested else default
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DistributedSetupError(f"{device}: no CUDA device here (a CPU-only PyTorch build, or no GPU "
+                                        "visible); leave --device out to use the best available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise DistributedSetupError(f"{device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise DistributedSetupError(f"{device}: Apple's MPS is not available here")
         if not self.enabled:
             return device
         if device.type == "cuda":

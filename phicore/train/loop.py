@@ -3,7 +3,7 @@
     while steps remain:
         outcome = train_step(next grad_accum micro-batches)      # forward, backward, AdamW
         state.advance(...)                                         # TrainerState: step, data position
-        stop = between.after_step(state, outcome, ctrl_c)          # metrics, eval + best/, checkpoint, stop?
+        stop = between.after_step(outcome, signal, result)         # metrics, eval + best/, checkpoint, stop?
 
 Between steps, in this order: the metrics row; a non-finite step is skipped with a warning
 (five in a row: checkpoint the still-finite adapter and stop); evaluation when due, with
@@ -18,6 +18,7 @@ checkpoint files; every rank saves and restores its own RNG state.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -46,12 +47,14 @@ def total_steps_for(config: RunConfig, micro_batches_per_epoch: int) -> int:
 
 def train(model, train_plan: BatchPlan, config: RunConfig, *, val_plan: Optional[BatchPlan] = None,
           resume_from: Optional[Path] = None, device=None, show_progress: bool = True,
-          dist: Optional[DistContext] = None) -> TrainResult:
+          dist: Optional[DistContext] = None, fingerprint: Optional[dict] = None) -> TrainResult:
     """Train the model's trainable (adapter) parameters; write checkpoints, metrics, best/.
 
     The final adapter is NOT written here: the caller saves it with whatever else belongs next
     to it (tokenizer, run record); with `dist`, through `dist.save_adapter` (after FSDP2 the
-    adapter is sharded across the ranks).
+    adapter is sharded across the ranks). `fingerprint` (the data files' hashes) is kept in
+    the checkpoints, for a resumed run to compare. A run resumed at or past its last step
+    trains nothing and returns the checkpoint's result.
     """
     dist = dist or DistContext()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -67,21 +70,22 @@ def train(model, train_plan: BatchPlan, config: RunConfig, *, val_plan: Optional
     warmup = warmup_steps_for(total_steps, config.warmup_ratio, config.warmup_steps)
 
     torch.manual_seed(config.seed + dist.rank)  # dropout: a stream of its own on every rank
-    state = TrainerState()
+    state = TrainerState(fingerprint=dict(fingerprint or {}))
     if resume_from is not None:
         state = TrainerState.from_dict(load_checkpoint(resume_from, model, optimizer, dist))
+    state.total_steps = total_steps
     between = BetweenSteps(config, model, optimizer, val_plan, device, autocast_dtype, dist, state,
                            steps_per_epoch=math.ceil(micro_per_epoch / config.grad_accum), total_steps=total_steps,
                            micro_per_epoch=micro_per_epoch)
     if resume_from is not None:
         between.say(f"resuming from {resume_from} (step {state.step} of {total_steps})")
     batches = _micro_batches(train_plan, state.epoch, state.batch_in_epoch)
-    result = TrainResult(steps=state.step)
+    result = TrainResult(steps=state.step, final_loss=state.last_loss)
     started = time.perf_counter()
     engine.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                disable=not (show_progress and dist.is_main), dynamic_ncols=True)
-    with bar, StopRequest(grace=5.0 if dist.enabled else 0.0) as ctrl_c:
+    with bar, StopRequest(grace=5.0 if dist.enabled else 0.0) as stop_request:
         while state.step < total_steps:
             step_started = time.perf_counter()
             group = [next(batches) for _ in range(config.grad_accum)]  # (epoch, index, batch)
@@ -94,7 +98,7 @@ def train(model, train_plan: BatchPlan, config: RunConfig, *, val_plan: Optional
             row = between.log_step(outcome, time.perf_counter() - step_started, result)
             bar.update(1)
             bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            stop = between.after_step(outcome, ctrl_c.requested, result)
+            stop = between.after_step(outcome, stop_request.signal, result)
             if stop:
                 break
     result.steps, result.best_val_loss, result.tokens = state.step, state.best_val_loss, state.tokens_seen
@@ -143,6 +147,8 @@ class BetweenSteps:
             self.metrics.log(**row)
         result.history.append(row)
         result.final_loss = outcome.loss
+        if math.isfinite(outcome.loss):
+            self.state.last_loss = outcome.loss
         return row
 
     def checkpoint(self) -> Path:
@@ -152,10 +158,12 @@ class BetweenSteps:
                                                 self.config.to_dict(), self.config.keep_last, self.dist)
         return self._saved[step]
 
-    def after_step(self, outcome: StepOutcome, ctrl_c: bool, result: TrainResult) -> bool:
-        """The work after a step; True when the loop must stop (`result` says why)."""
+    def after_step(self, outcome: StepOutcome, stop_signal: Optional[int], result: TrainResult) -> bool:
+        """The work after a step; True when the loop must stop (`result` says why). `stop_signal`:
+        the signal (Ctrl-C's SIGINT, a scheduler's SIGTERM) this rank was sent, if any."""
         state, config = self.state, self.config
         self._count_bad_step(outcome)
+        self._check_adapter_finite()
         if self.val_plan is not None and self.eval_every and (
                 state.step % self.eval_every == 0 or state.step == self.total_steps):
             if self._evaluate():
@@ -165,9 +173,12 @@ class BetweenSteps:
                 return True
         if config.save_every and state.step % config.save_every == 0:
             self.checkpoint()
-        if self.dist.all_reduce_sum([float(ctrl_c)])[0] if self.dist.enabled else ctrl_c:
-            self.say(f"interrupted: checkpoint saved to {self.checkpoint()}; continue with --resume auto")
-            result.interrupted = True
+        signals = self.dist.all_gather_object(stop_signal) if self.dist.enabled else [stop_signal]
+        stop_signal = next((s for s in signals if s), None)  # any rank's: all stop together
+        if stop_signal:
+            name = "Ctrl-C" if stop_signal == signal.SIGINT else signal.Signals(stop_signal).name
+            self.say(f"interrupted ({name}): checkpoint saved to {self.checkpoint()}; continue with --resume auto")
+            result.interrupted, result.signal = True, stop_signal
             return True
         if config.stop_after and config.stop_after <= state.step < self.total_steps:
             self.say(f"stopped after {state.step} steps as asked (--stop-after): checkpoint saved to "
@@ -189,6 +200,15 @@ class BetweenSteps:
             self.checkpoint()
             raise FloatingPointError(f"{self.bad_in_a_row} steps in a row had a NaN/inf loss or gradient; "
                                      "stopping. Try a lower --lr, --max-grad-norm, or fp32/bf16 instead of fp16.")
+
+    def _check_adapter_finite(self) -> None:
+        """An update that made the adapter NaN/inf (a learning rate far too high, say) ends the run
+        at once: nothing non-finite is ever saved, the last checkpoint stays the last finite one."""
+        if all(bool(torch.isfinite(p.detach()).all()) for p in self.optimizer.param_groups[0]["params"]):
+            return
+        kept = f"; the last checkpoint, {self._saved[max(self._saved)]}, is finite" if self._saved else ""
+        raise FloatingPointError(f"step {self.state.step}: the adapter has NaN/inf values after the update "
+                                 f"(--lr {self.config.lr} too high?); stopping without saving it{kept}")
 
     def _evaluate(self) -> bool:
         """Validation loss, metrics, best/; True when early stopping's patience ran out."""
@@ -213,33 +233,44 @@ class BetweenSteps:
 
 
 class StopRequest:
-    """Turns Ctrl-C into a flag checked between steps, so the step in flight finishes and a
-    checkpoint is written before the loop exits. A second Ctrl-C interrupts at once, unless
-    it follows the first within `grace` seconds: under torchrun every rank gets the terminal's
-    Ctrl-C and then the same signal again, forwarded by the launcher."""
+    """Turns Ctrl-C (SIGINT) and a job scheduler's SIGTERM (SLURM, Kubernetes) into a flag checked
+    between steps, so the step in flight finishes and a checkpoint is written before the loop
+    exits; `signal` says which came. A second signal stops the process at once (exit 128 +
+    signal, no traceback): the checkpoint being written, if any, is only a temporary folder
+    then, never renamed into place. Under torchrun a second signal within `grace` seconds of the
+    first is ignored: every rank gets the terminal's Ctrl-C, then the same signal again,
+    forwarded by the launcher."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, grace: float = 0.0):
-        self.requested = False
+        self.signal: Optional[int] = None
         self.grace = grace
         self._first = None
-        self._previous = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame):
+        if self.signal is None:
+            self.signal, self._first = signum, time.monotonic()
+        elif time.monotonic() - self._first > self.grace:
+            os.write(2, f"\nstopped at once ({signal.Signals(signum).name} again)\n".encode())
+            os._exit(128 + signum)
 
     def __enter__(self):
-        def handler(signum, frame):
-            if self.requested and time.monotonic() - self._first > self.grace:
-                raise KeyboardInterrupt
-            if not self.requested:
-                self.requested, self._first = True, time.monotonic()
-
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                break
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _peak_memory(device: torch.device) -> int:

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_perplexity"]
+JSONL_NAME, CSV_NAME, CURVES_NAME = "metrics.jsonl", "metrics.csv", "training_curves.png"
 
 
 class MetricsLog:
@@ -16,8 +17,8 @@ class MetricsLog:
     resumed step are dropped first, so the files describe one consistent run."""
 
     def __init__(self, out_dir, resume_step: int = 0):
-        self.jsonl = Path(out_dir) / "metrics.jsonl"
-        self.csv = Path(out_dir) / "metrics.csv"
+        self.jsonl = Path(out_dir) / JSONL_NAME
+        self.csv = Path(out_dir) / CSV_NAME
         rows = self.read() if resume_step else []
         rows = [r for r in rows if r.get("step", 0) <= resume_step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -62,7 +63,7 @@ class MetricsLog:
         ax_lr.set_xlabel("step")
         ax_lr.set_ylabel("learning rate")
         fig.tight_layout()
-        path = Path(path) if path else self.jsonl.with_name("training_curves.png")
+        path = Path(path) if path else self.jsonl.with_name(CURVES_NAME)
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path

@@ -1,19 +1,22 @@
 """`finetune(config)`: one training run from a `RunConfig`, what `train.py` and
 `phicore.finetune` both run.
 
-    prepare_run: output folder and resume point checked, device picked, a tiny preset's base
-                 built, tokenizer and prompt format, data read (through the tokenised cache),
-                 base loaded and LoRA applied, batches planned
+    the output folder: locked for this run; where to start (resume.py: a new run, the newest
+                 intact checkpoint, or nothing to do); an earlier run set aside (--overwrite)
+    prepare_run: device picked, a tiny preset's base built, the model folder checked, tokenizer
+                 and prompt format, data read (through the tokenised cache), base loaded and
+                 LoRA applied, batches planned
     train:       the loop (loop.py): checkpoints, metrics, best/
     save:        the final adapter, the tokenizer files and the run record (RunRecord)
 
-Bad input (the data files, the model folder, the output folder) raises `UsageError`, one line
-(train.py exits 2), and is found before the model is loaded where it can be; what this call
-wrote into --out before finding bad input (a tiny preset's OUT/base) is removed again.
+Bad input (the data files, the model folder, the output folder, a checkpoint) raises
+`UsageError`, one line (train.py exits 2), found before the model is loaded where it can be;
+a refused run leaves --out as it found it (what it created is removed, a set-aside run is put
+back). A finished run's files are never replaced by a run that fails or is refused.
 
 Under `torchrun` every rank runs all of it: the first rank of each node tokenises on a cache
-miss while the others wait for the entry, rank 0 builds a tiny preset's base, and each rank
-gets its shard of the batches (see distributed.py).
+miss while the others wait for the entry, rank 0 alone locks and changes the output folder and
+builds a tiny preset's base, and each rank gets its shard of the batches (see distributed.py).
 """
 
 from __future__ import annotations
@@ -34,46 +37,95 @@ from ..lora import apply_lora
 from ..record import RunRecord
 from ..tiny import TINY_PRESETS, build_tiny
 from ..tokenizer import load_tokenizer
-from ..weights import default_device, default_dtype, load_model, parse_dtype
-from .checkpoint import checkpoint_world_size, list_checkpoints, resolve_resume
-from .config import RunConfig
+from ..weights import check_model_folder, default_device, default_dtype, load_model, parse_dtype
+from .config import RunConfig, UsageError
 from .distributed import DistContext, DistributedSetupError
-from .loop import train
+from .loop import total_steps_for, train
+from .output import BASE_NAME, OutputFolder
+from .resume import StartPoint, data_changes, schedule_note, start_point
 from .state import TrainResult
 
 Log = Callable[[str], None]
-
-
-class UsageError(Exception):
-    """Bad input found while preparing a run: printed as one line, exit code 2."""
+__all__ = ["UsageError", "finetune", "prepare_run"]  # UsageError: declared in config.py, raised here
 
 
 def finetune(config: RunConfig, *, log: Log = print) -> TrainResult:
     """Run the fine-tuning `config` describes: prepare, train, write the outputs into
-    `config.out`. Returns the TrainResult (`.interrupted` after Ctrl-C, `.paused` at
-    `stop_after`: a checkpoint was written and the final outputs were not).
+    `config.out`. Returns the TrainResult (`.interrupted` after Ctrl-C or SIGTERM, `.paused` at
+    `stop_after`: a checkpoint was written and the final outputs were not; `.already_complete`:
+    the run in --out had finished, nothing was trained).
 
     Raises UsageError for bad input, FloatingPointError when training diverged."""
-    run = prepare_run(config, log)
+    dist = DistContext.from_env()
+    say = log if dist.is_main else (lambda message: None)
+    folder = OutputFolder(config.out)
+    created = [path for path in (folder.path, folder.path / BASE_NAME) if not path.exists()]
+    set_aside, run = False, None
     try:
-        say = log if run.dist.is_main else (lambda message: None)
+        if dist.is_main:
+            folder.lock()
+            for note in filter(None, [folder.recover()]):
+                say(note)
+        start = start_point(config, folder, dist.world_size)
+        for note in start.notes:
+            say(note)
+        if start.complete is not None:
+            result = start.complete.result
+            say(f"{folder.path}: the run there is complete ({result['steps']} steps); nothing to train")
+            return TrainResult(steps=result["steps"], final_loss=result.get("final_loss"),
+                               best_val_loss=result.get("best_val_loss"), already_complete=True)
+        if dist.is_main:
+            set_aside = config.overwrite and folder.set_aside()
+            if set_aside:
+                say(f"--overwrite: the earlier run in {folder.path} is kept in {folder.path}/.replaced until this "
+                    "one finishes")
+            if start.checkpoint is None:
+                folder.remove_stale_best()
+        run = prepare_run(config, start, dist, say)
         say(run.summary)
-        result = train(run.model, run.train_plan, config, val_plan=run.val_plan, resume_from=run.resume_from,
-                       device=run.device, show_progress=not config.quiet, dist=run.dist)
+        result = train(run.model, run.train_plan, config, val_plan=run.val_plan, resume_from=start.checkpoint,
+                       device=run.device, show_progress=not config.quiet, dist=dist, fingerprint=run.fingerprint)
         if result.finished:
+            _check_learnt(result)
             run.save_outputs(result)
-            ppl = f", val perplexity {math.exp(result.best_val_loss):.2f}" if result.best_val_loss is not None else ""
-            say(f"done: {result.steps} steps in {result.seconds:.1f}s, "
-                f"{result.tokens / max(result.seconds, 1e-9):.0f} tokens/s, peak memory "
-                f"{result.peak_memory_bytes / 2**20:.0f} MiB, final loss {result.final_loss:.4f}{ppl}")
-            say(f"adapter written to {run.out_dir}")
+            if dist.is_main:
+                folder.discard()
+            _report(result, run, start, say)
         return result
     except BaseException as err:
-        if run.dist.enabled:  # free the DDP wrapper (held by the traceback) before its process group:
+        if dist.is_main:
+            if set_aside:
+                folder.restore()
+            if isinstance(err, UsageError):  # a refused run leaves --out as it found it
+                folder.unlock()
+                for path in created:
+                    shutil.rmtree(path, ignore_errors=True)
+        if dist.enabled:  # free the DDP wrapper (held by the traceback) before its process group:
             traceback.clear_frames(err.__traceback__)  # gloo's destructor can deadlock on the GIL otherwise
         raise
     finally:
-        run.dist.shutdown()
+        folder.unlock()
+        dist.shutdown()
+
+
+def _check_learnt(result: TrainResult) -> None:
+    """A run whose every step had a NaN/inf loss learnt nothing: no adapter is written as a result."""
+    losses = [row["loss"] for row in result.history]
+    if losses and not any(math.isfinite(loss) for loss in losses):
+        raise FloatingPointError(f"every one of the {len(losses)} steps had a NaN/inf loss: nothing was learnt, "
+                                 "no adapter written. Try a lower --lr, or check the data")
+
+
+def _report(result: TrainResult, run: "Run", start: StartPoint, say: Log) -> None:
+    if not result.history and start.checkpoint is not None:
+        say(f"{run.out_dir}: the run was complete at step {result.steps} (its checkpoint); its final outputs, "
+            "which a stopped run had not written yet, are written now")
+        return
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    ppl = f", val perplexity {math.exp(result.best_val_loss):.2f}" if result.best_val_loss is not None else ""
+    say(f"done: {result.steps} steps in {result.seconds:.1f}s, {result.tokens / max(result.seconds, 1e-9):.0f} "
+        f"tokens/s, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB, final loss {loss}{ppl}")
+    say(f"adapter written to {run.out_dir}")
 
 
 @dataclass
@@ -90,6 +142,7 @@ class Run:
     record: RunRecord
     summary: str
     dist: DistContext = field(default_factory=DistContext)
+    fingerprint: dict = field(default_factory=dict)  # the data files' sha256: compared when resuming
 
     def save_outputs(self, result: TrainResult) -> None:
         """Final adapter (PEFT files), tokenizer files and the run record into OUT/.
@@ -103,49 +156,32 @@ class Run:
             "seconds": round(result.seconds, 3), "tokens": result.tokens,
             "peak_memory_bytes": result.peak_memory_bytes, "stopped_early": result.stopped_early,
         }
-        self.record.write(self.out_dir)
+        self.record.write(self.out_dir)  # last: a finished run is one with a record that holds a result
 
 
-def prepare_run(config: RunConfig, log: Log = print) -> Run:
-    """Check everything and build the run; on a UsageError, remove what this call created in
-    --out (a tiny preset's OUT/base is written before the later inputs can be checked)."""
-    dist = DistContext.from_env()
-    out_dir = Path(config.out)
-    created = [path for path in (out_dir, out_dir / "base") if not path.exists()]
+def prepare_run(config: RunConfig, start: Optional[StartPoint] = None, dist: Optional[DistContext] = None,
+                log: Log = print) -> Run:
+    """Check the inputs and build the run: the model with LoRA, the batch plans, the record.
+    `start`: where the run starts (resume.start_point; default: a new run); `dist`: the torchrun
+    context (default: read from the environment)."""
+    dist = dist or DistContext.from_env()
     try:
-        return _prepare_run(config, dist, log if dist.is_main else (lambda message: None))
+        return _prepare_run(config, start or StartPoint(), dist, log if dist.is_main else (lambda message: None))
     except UsageError:  # raised on every rank alike, or on the one that tokenises (torchrun stops the rest)
-        if dist.is_main:
-            for path in created:
-                shutil.rmtree(path, ignore_errors=True)
         dist.shutdown()
         raise
-
-
-def _resume_point(config: RunConfig, out_dir: Path, dist: DistContext) -> Optional[Path]:
-    """The checkpoint to resume from (None: a fresh run); a fresh run over an earlier run's
-    checkpoints is refused (never lose work)."""
-    if config.resume is None and out_dir.exists() and list_checkpoints(out_dir):
-        raise UsageError(f"{out_dir}: holds checkpoints of an earlier run; continue it with --resume auto "
-                         "or choose another --out")
-    try:
-        resume_from = resolve_resume(out_dir, config.resume)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
-    if resume_from is not None and checkpoint_world_size(resume_from) != dist.world_size:
-        written_by = checkpoint_world_size(resume_from)
-        raise UsageError(f"{resume_from}: written by {written_by} process(es); resume it with the same number "
-                         f"(torchrun --nproc_per_node={written_by}), not {dist.world_size}")
-    return resume_from
 
 
 def _cached_examples(path, tokenizer, prompt_format, config: RunConfig, dist: DistContext, log: Log):
     """The data file's examples through the cache (tokenised here on a miss by the first rank
     of each node; the node's other ranks wait for the entry)."""
+    from ..data import FieldMap  # here, not at the top: the imports are another change's
+
     try:
         examples, _ = open_or_build(
             path, tokenizer, prompt_format, max_length=config.max_length, train_on_prompt=config.train_on_prompt,
             record_format=config.format, cache_dir=config.data_cache, build=dist.local_rank == 0,
+            fields=FieldMap(config.prompt_field, config.response_field, config.text_field),
             show_progress=not config.quiet and dist.local_rank == 0, log=log)
     except DataError as err:
         raise UsageError(str(err)) from None
@@ -158,9 +194,8 @@ def _cached_examples(path, tokenizer, prompt_format, config: RunConfig, dist: Di
     return examples
 
 
-def _prepare_run(config: RunConfig, dist: DistContext, log: Log) -> Run:
+def _prepare_run(config: RunConfig, start: StartPoint, dist: DistContext, log: Log) -> Run:
     out_dir = Path(config.out)
-    resume_from = _resume_point(config, out_dir, dist)
     try:
         device = dist.device_for(config.device, default_device())
     except (RuntimeError, DistributedSetupError) as err:
@@ -168,19 +203,20 @@ def _prepare_run(config: RunConfig, dist: DistContext, log: Log) -> Run:
     dist.init(device)
 
     base = config.model
-    if base in TINY_PRESETS:
+    if base in TINY_PRESETS:  # built into the run's folder (another preset's or seed's is rebuilt)
         if dist.is_main:
-            build_tiny(base, out_dir / "base", seed=config.seed)
+            build_tiny(base, out_dir / BASE_NAME, seed=config.seed)
         dist.barrier()
-        base = str(out_dir / "base")
-    try:
+        base = str((out_dir / BASE_NAME).resolve())  # absolute: the record works from any folder
+    try:  # the model folder (config, weights' headers, tokenizer) before any data is tokenised
+        check_model_folder(base)
         tokenizer = load_tokenizer(base)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
     try:
         prompt_format = prompt_format_for(tokenizer, template=config.template)
-    except ValueError as err:
-        raise UsageError(f"--template: {err}") from None
+    except ValueError as err:  # a bad --template, or the model's own chat template failing (named in err)
+        raise UsageError(f"--template: {err}" if config.template else str(err)) from None
 
     full = _cached_examples(config.data, tokenizer, prompt_format, config, dist, log)
     lines = [f"data: {config.data}: {full.stats.summary()}"]
@@ -195,6 +231,10 @@ def _prepare_run(config: RunConfig, dist: DistContext, log: Log) -> Run:
         lines.append(f"validation: {len(val_examples)} examples held out (--val-split {config.val_split})")
     if not len(examples):
         raise UsageError(f"{config.data}: no training examples left after tokenising (all cut or empty)")
+    fingerprint = {"data_sha256": full.meta["key"]["data_sha256"],
+                   "val_data_sha256": val_examples.meta["key"]["data_sha256"] if config.val_data else None}
+    if start.checkpoint is not None:
+        data_changes(start.saved_state.get("fingerprint", {}), fingerprint)
 
     model = _build_model(config, base, device, dist)
     pad_id = tokenizer.pad_token_id
@@ -203,6 +243,14 @@ def _prepare_run(config: RunConfig, dist: DistContext, log: Log) -> Run:
                            max_length=config.max_length, **shard)
     val_plan = BatchPlan(val_examples, config.batch_size, pad_id, seed=config.seed, pack=config.pack,
                          max_length=config.max_length, shuffle=False, **shard) if len(val_examples) else None
+    context = int(model.config.max_position_embeddings)
+    if config.max_length > context:
+        lines.append(f"warning: --max-length {config.max_length} is above the model's context ({context} positions): "
+                     f"rows longer than {context} tokens train on positions the model never saw")
+    if start.checkpoint is not None:
+        note = schedule_note(config, start.saved_state, total_steps_for(config, len(train_plan)))
+        if note:
+            lines.append(note)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     lines.append(f"model: {base} on {device}, LoRA r={config.lora_r} on {config.targets}: "
@@ -221,7 +269,8 @@ def _prepare_run(config: RunConfig, dist: DistContext, log: Log) -> Run:
     record = RunRecord(base_model=model.config.source_dir or base, prompt_template=config.template or prompt_format.name,
                        quantization=quantization, config=config.to_dict(), world_size=dist.world_size,
                        data_cache=str(full.folder))
-    return Run(model, tokenizer, train_plan, val_plan, resume_from, device, out_dir, record, "\n".join(lines), dist)
+    return Run(model, tokenizer, train_plan, val_plan, start.checkpoint, device, out_dir, record, "\n".join(lines),
+               dist, fingerprint)
 
 
 def _build_model(config: RunConfig, base: str, device: torch.device, dist: DistContext):

@@ -16,6 +16,9 @@ class TrainerState:
     best_val_loss: Optional[float] = None
     evals_without_gain: int = 0  # for early stopping
     tokens_seen: int = 0
+    last_loss: Optional[float] = None  # the latest finite step loss (the result of a run resumed at its end)
+    total_steps: Optional[int] = None  # the run's length when the state was saved (its schedule's end)
+    fingerprint: dict = field(default_factory=dict)  # what the run trains on: data files' sha256, compared on resume
 
     def advance(self, last_epoch: int, last_index: int, micro_per_epoch: int, tokens: int) -> None:
         """One step done, whose last micro-batch was (last_epoch, last_index)."""
@@ -50,6 +53,8 @@ class TrainResult:
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     history: list = field(default_factory=list)  # the metrics rows of the steps run here
+    signal: Optional[int] = None  # with `interrupted`: the signal that stopped it (SIGINT, SIGTERM)
+    already_complete: bool = False  # resumed a run that had finished: nothing was trained
 
     @property
     def finished(self) -> bool:
