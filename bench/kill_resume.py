@@ -16,7 +16,8 @@ once. The trials cycle through three ways of choosing the moment:
                written its final adapter yet: either way a relaunch must finish the run)
 
 Reported: kills, relaunches, failed relaunches (exit status other than 0 that we did not
-cause), kills that landed during a checkpoint write, and adapters identical to the reference.
+cause), kills that landed during a checkpoint write or between the last checkpoint and the
+final outputs, and adapters identical to the reference.
 The goal is 0 failed relaunches and every adapter identical.
 """
 
@@ -74,17 +75,19 @@ def wait_and_kill(proc: subprocess.Popen, out: Path, mode: str, steps: int, seco
             break
         time.sleep(0.0005 if mode != "random" else 0.005)
     if proc.poll() is not None:
-        return {"killed": False, "during_checkpoint": False}
+        return {"killed": False, "during_checkpoint": False, "before_final_outputs": False}
     during = checkpoint_in_progress(out)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return {"killed": True, "during_checkpoint": during or checkpoint_in_progress(out)}
+    last_checkpoint_only = (out / f"checkpoint-{steps}").is_dir() and not (out / "training_config.json").exists()
+    return {"killed": True, "during_checkpoint": during or checkpoint_in_progress(out),
+            "before_final_outputs": last_checkpoint_only}
 
 
 def trial(index: int, mode: str, data: Path, root: Path, steps: int, seconds: float, reference: dict, rng,
           log) -> dict:
     out = root / f"trial-{index}"
-    kills, relaunches, failed, during = 0, 0, 0, 0
+    kills, relaunches, failed, during, before_final = 0, 0, 0, 0, 0
     resume = False
     may_kill = True
     while True:
@@ -93,6 +96,7 @@ def trial(index: int, mode: str, data: Path, root: Path, steps: int, seconds: fl
             event = wait_and_kill(proc, out, mode, steps, seconds, rng)
             kills += event["killed"]
             during += event["during_checkpoint"]
+            before_final += event["before_final_outputs"]
             if event["killed"]:
                 relaunches += 1
                 resume = True
@@ -114,7 +118,8 @@ def trial(index: int, mode: str, data: Path, root: Path, steps: int, seconds: fl
         if (out / "metrics.jsonl").exists() else []
     steps_logged = [r["step"] for r in rows if "loss" in r]
     return {"trial": index, "mode": mode, "kills": kills, "relaunches": relaunches, "failed_relaunches": failed,
-            "kills_during_checkpoint_write": during, "identical": bool(identical),
+            "kills_during_checkpoint_write": during, "kills_after_last_checkpoint_before_final_outputs": before_final,
+            "identical": bool(identical),
             "metrics_each_step_once": steps_logged == list(range(1, steps + 1))}
 
 
@@ -148,7 +153,8 @@ def main(argv=None) -> int:
         results.append(result)
         print(json.dumps(result), flush=True)
     totals = {key: sum(r[key] for r in results) for key in
-              ("kills", "relaunches", "failed_relaunches", "kills_during_checkpoint_write")}
+              ("kills", "relaunches", "failed_relaunches", "kills_during_checkpoint_write",
+               "kills_after_last_checkpoint_before_final_outputs")}
     totals["identical_adapters"] = f"{sum(r['identical'] for r in results)} of {len(results)}"
     totals["metrics_each_step_once"] = f"{sum(r['metrics_each_step_once'] for r in results)} of {len(results)}"
     given = sys.argv[1:] if argv is None else list(argv)

@@ -19,11 +19,12 @@ rotary settings). A bad one raises `ConfigError` naming the config.json field.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from .json_file import read_json
 
 # Short names users type, mapped to Hugging Face hub ids.
 PRESETS = {
@@ -304,18 +305,9 @@ class ModelConfig:
         FileNotFoundError a missing file."""
         path = Path(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = read_json(path, ConfigError)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: not found (a model folder needs its config.json)") from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not valid UTF-8 (byte {err.start}); truncated or corrupt?") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
-                              "truncated or corrupt?") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: JSON nested too deeply") from None
         try:
             return cls.from_dict(raw, source_dir=str(path.parent))
         except ConfigError as err:

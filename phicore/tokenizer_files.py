@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
+from .json_file import REDOWNLOAD, read_json
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -63,7 +65,6 @@ _MANAGED_CONFIG_KEYS = frozenset(
 )
 
 
-REDOWNLOAD = "an interrupted download? delete it and download again"
 
 
 class TokenizerError(ValueError):
@@ -364,18 +365,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     or corrupt) or not an object."""
     if not path.is_file():
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            content = json.load(handle)
-    except OSError as err:
-        raise TokenizerError(f"{path}: cannot read ({err.strerror or err})") from None
-    except UnicodeDecodeError as err:
-        raise TokenizerError(f"{path}: truncated or corrupt (not UTF-8 at byte {err.start}; {REDOWNLOAD})") from None
-    except json.JSONDecodeError as err:
-        raise TokenizerError(f"{path}: truncated or corrupt (not valid JSON: {err.msg} at line {err.lineno} "
-                             f"column {err.colno}; {REDOWNLOAD})") from None
-    except RecursionError:
-        raise TokenizerError(f"{path}: JSON nested too deeply") from None
+    content = read_json(path, TokenizerError)
     if not isinstance(content, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(content).__name__}")
     return content

@@ -31,6 +31,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .json_file import REDOWNLOAD
 from .config import ModelConfig
 from .frozen_linear import FrozenLinear, quantize_model_linears
 from .hub import hub_id_for, resolve_model_dir
@@ -49,7 +50,6 @@ class CheckpointError(ValueError):
     dtypes that do not fit the model): one line naming the file or the keys involved."""
 
 
-REDOWNLOAD = "an interrupted download? delete it and download again"
 MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit
 # safetensors dtype -> bytes per element; the floating ones are what dense weights may be
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,

@@ -10,7 +10,6 @@ adapter) and runs it through `train.main` (the loaders train.py shares) or `infe
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from phicore.model import PhiForCausalLM  # noqa: E402
 from phicore.peft_io import save_adapter  # noqa: E402
 from phicore.tokenizer import load_tokenizer  # noqa: E402
 from phicore.weights import CheckpointError, check_model_folder, load_model, save_model  # noqa: E402
-from train_runs import run_main, write_jsonl  # noqa: E402
+from train_runs import run_infer, run_main, write_jsonl  # noqa: E402
 
 WEIGHTS = "model.safetensors"
 
@@ -227,15 +226,6 @@ def test_train_exits_2_with_one_line(case, damaged, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- infer.py
-def run_infer(*args, stdin: str = ""):
-    out = io.StringIO()
-    try:
-        rc = infer.main([str(a) for a in args], stdin=io.StringIO(stdin), stdout=out)
-    except SystemExit as exit:
-        rc = exit.code
-    return rc, out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def adapter(bases, tmp_path_factory):
     """A LoRA adapter folder (random B, so it changes answers) over the tiny-phi-3 base, which

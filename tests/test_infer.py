@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import infer  # noqa: E402  (infer.py at the repo root)
+from train_runs import run_infer  # noqa: E402
 import train  # noqa: E402
 from phicore.console import BLUE, GREEN, Console, side_by_side  # noqa: E402
 from phicore.data import IGNORE_INDEX, conversations_from_records, tokenize_dataset  # noqa: E402
@@ -198,15 +198,6 @@ def test_side_by_side_layout(sessions):
 
 
 # ----------------------------------------------------------------------------- CLI in-process
-
-def run_infer(*args, stdin: str = ""):
-    out = io.StringIO()
-    try:
-        rc = infer.main([str(a) for a in args], stdin=io.StringIO(stdin), stdout=out)
-    except SystemExit as exit:
-        rc = exit.code
-    return rc, out.getvalue()
-
 
 def test_cli_prompt_and_prompts_file(runs, sessions, tmp_path):
     session = sessions["tiny-phi-3"]
