@@ -7,29 +7,36 @@
     python infer.py --adapter out/ --compare --prompt "..."           # base (blue) vs fine-tuned (green)
     python infer.py --adapter out/ --merge merged/                    # standalone Hugging Face folder
     python infer.py --adapter out/ --gguf model.gguf --gguf-type q8_0 # llama.cpp file
+    python infer.py --adapter out/ --gguf-lora adapter.gguf --verify  # the adapter alone, run in llama.cpp
+    python infer.py --adapter out/ --ollama ollama/                   # GGUF + Modelfile for ollama create
+    python infer.py --adapter out/ --mlx-adapter mlx/                 # mlx-lm adapter (Apple silicon)
+    python infer.py --adapter out/ --push-to-hub you/name [--private] # upload (or what was exported)
 
 The adapter folder is train.py's --out: the base model, prompt template and quantisation are
 read from it, so prompts are formatted exactly as in training. Bad input (adapter folder, base
 model files, flags, prompts, export target) prints one line and exits 2 before anything is
 written; an output that cannot be written (disk full, read-only folder) prints one line naming
-the path and exits 1, as does running out of GPU memory. --debug adds the traceback to those
-lines; any other error is a bug and shows its traceback anyway.
+the path and exits 1, as does an export that does not read back as the model in memory (every
+export is read back and checked: phicore.export.verify), running out of GPU memory or a failed
+hub upload (no token to push with is bad input: 2, found before the model is loaded). --debug
+adds the traceback to those lines; any other error is a bug and shows its traceback anyway.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Optional
 
 from phicore.export import ExportError
+from phicore.export.targets import (ExportOptions, OutputError, check_targets, check_writable, export, push,
+                                    writing)
+from phicore.hub_push import HubTokenError, HubUploadError
 from phicore.inference import GenerationSettings, InferenceError, check_text, load_session, read_prompts
-from phicore.settings import SettingsError, build_parser, cli_values, normalize_argv, setting
+from phicore.settings import SettingsError, build_parser, check, cli_values, normalize_argv, setting
 from phicore.weights import DTYPE_NAMES
 
 DESCRIPTION = "Generate with, compare, merge or export a phicore / PEFT LoRA adapter."
@@ -63,18 +70,7 @@ class InferOptions:
     dtype: Optional[str] = setting(None, "default: fp32 on CPU, bf16 on GPU", section="device", choices=DTYPE_NAMES)
     quantize: Optional[str] = setting(None, "hold the base in 4-bit NF4 (default: as the adapter was trained)",
                                       section="device", choices=("nf4",))
-    merge: Optional[str] = setting(None, "write base + adapter merged as a Hugging Face folder", section="export",
-                                   metavar="DIR")
-    max_shard_size: str = setting("5GB", "--merge: largest safetensors shard (e.g. 5GB, 500MB)", section="export",
-                                  metavar="SIZE")
-    gguf: Optional[str] = setting(None, "write base + adapter merged as a GGUF file for llama.cpp", section="export",
-                                  metavar="FILE")
-    gguf_type: str = setting("f16", "--gguf: weight type", section="export", choices=("f16", "bf16", "q8_0"))
-
     def __post_init__(self):
-        from phicore.export.merge import parse_size
-        from phicore.settings import check
-
         check(self)
         if self.adapter is None:
             raise SettingsError("--adapter is required (train.py's --out folder)", field="adapter")
@@ -82,62 +78,25 @@ class InferOptions:
             raise SettingsError("give --prompt or --prompts-file, not both", field="prompt")
         if self.output and self.prompts_file is None:
             raise SettingsError("--output needs --prompts-file", field="output")
-        if (self.merge or self.gguf) and self.quantize:
-            raise SettingsError("--quantize cannot be combined with --merge/--gguf: merging needs the dense base "
-                                "(a QLoRA adapter's NF4 base is loaded and dequantised automatically)",
-                                field="quantize")
-        try:
-            self.max_shard_bytes = parse_size(self.max_shard_size)
-        except ExportError as err:
-            raise SettingsError(str(err), field="max_shard_size") from None
-
-    @property
-    def exporting(self) -> bool:
-        return bool(self.merge or self.gguf)
-
-
-class OutputError(Exception):
-    """An output that could not be written (disk full, read-only or missing folder): one line
-    naming the flag, the path and the system's reason; CLI exit 1."""
-
-
-@contextlib.contextmanager
-def writing(flag: str, path):
-    """Turn an OSError while writing `path` into an OutputError naming the flag and path."""
-    try:
-        yield
-    except OSError as err:
-        raise OutputError(f"{flag} {path}: cannot write ({err.strerror or err})") from err
-
-
-def check_writable(flag: str, path) -> None:
-    """OutputError, before anything is loaded, when `path` can certainly not be written: its
-    nearest existing folder is on a read-only file system or not writable by this user."""
-    folder = Path(path).absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise OutputError(f"{flag} {path}: cannot write ({folder} is not a folder)")
-    if os.statvfs(folder).f_flag & os.ST_RDONLY:
-        raise OutputError(f"{flag} {path}: cannot write (read-only file system at {folder})")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {path}: cannot write (permission denied in {folder})")
 
 
 def parse_command_line(argv=None) -> tuple:
-    """(InferOptions, GenerationSettings) from the flags; SettingsError names a bad one."""
-    parser = build_parser([InferOptions, GenerationSettings], prog="infer.py", description=DESCRIPTION,
+    """(InferOptions, ExportOptions, GenerationSettings) from the flags; SettingsError names a bad one."""
+    classes = (InferOptions, ExportOptions, GenerationSettings)
+    parser = build_parser(classes, prog="infer.py", description=DESCRIPTION,
                           epilog="Every flag is also accepted in snake_case (--max_new_tokens).")
     namespace = parser.parse_args(normalize_argv(parser, sys.argv[1:] if argv is None else list(argv)))
-    return (InferOptions(**cli_values(InferOptions, namespace)),
-            GenerationSettings(**cli_values(GenerationSettings, namespace)))
+    args, exports, settings = (cls(**cli_values(cls, namespace)) for cls in classes)
+    if exports.merges and args.quantize:
+        raise SettingsError("--quantize cannot be combined with --merge/--gguf/--ollama: merging needs the dense "
+                            "base (a QLoRA adapter's NF4 base is loaded and dequantised automatically)",
+                            field="quantize")
+    return args, exports, settings
 
 
-def _check_targets(args, interactive: bool) -> None:
+def _check_targets(args, exports, interactive: bool) -> None:
     """What needs the file system or the terminal, checked before loading the model."""
-    from phicore.export.merge import check_target_folder
-
-    asked = args.prompt is not None or args.prompts_file is not None or args.exporting
+    asked = args.prompt is not None or args.prompts_file is not None or exports.exporting or exports.push_to_hub
     if not asked and not interactive:
         raise InferenceError("nothing to do: give --prompt or --prompts-file (stdin is not a terminal for a chat; "
                              "--prompts-file - reads prompts from it), or --merge / --gguf")
@@ -149,16 +108,7 @@ def _check_targets(args, interactive: bool) -> None:
         if Path(args.output).is_dir():
             raise InferenceError(f"--output {args.output}: is a folder; give a file name such as answers.jsonl")
         check_writable("--output", args.output)
-    if args.merge:
-        check_target_folder(args.merge)
-        check_writable("--merge", args.merge)
-    if args.gguf:
-        from phicore.export.gguf import import_gguf
-
-        import_gguf()
-        if Path(args.gguf).is_dir():
-            raise InferenceError(f"--gguf {args.gguf}: is a folder; give a file name such as model.gguf")
-        check_writable("--gguf", args.gguf)
+    check_targets(exports)
 
 
 def _write_jsonl(path: str, results) -> None:
@@ -175,33 +125,12 @@ def _write_jsonl(path: str, results) -> None:
         atomic_write_text(Path(path), "".join(lines))
 
 
-def _export(args, session, log) -> None:
-    from phicore.export.merge import merge_adapter, qlora_note, save_merged
-
-    merge_adapter(session.model)  # in place: the session's model is now base + adapter, merged
-    if session.info.quantized:
-        log(qlora_note(session.model.dtype))
-    if args.merge:
-        with writing("--merge", args.merge):
-            save_merged(session.model, session.tokenizer, args.merge, stop_ids=session.stop_ids,
-                        max_shard_bytes=args.max_shard_bytes)
-        log(f"merged model written to {args.merge}")
-    if args.gguf:
-        from phicore.export.gguf import find_sentencepiece_model, write_gguf
-
-        spm = find_sentencepiece_model([session.info.directory, session.info.base_model])
-        with writing("--gguf", args.gguf):
-            write_gguf(session.model, session.tokenizer, args.gguf, args.gguf_type, name=Path(args.gguf).stem,
-                       sentencepiece_model=spm, show_progress=not args.quiet, warn=log)
-        log(f"GGUF ({args.gguf_type}) written to {args.gguf}")
-
-
 def main(argv=None, *, stdin=None, stdout=None) -> int:
     """infer.py: 0 done, 2 bad input, 1 an output that could not be written or out of (GPU) memory,
     130 Ctrl-C."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     try:
-        args, settings = parse_command_line(argv)
+        args, exports, settings = parse_command_line(argv)
     except SettingsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -217,14 +146,23 @@ def main(argv=None, *, stdin=None, stdout=None) -> int:
         return code
 
     try:
-        _check_targets(args, interactive=stdin.isatty())
+        _check_targets(args, exports, interactive=stdin.isatty())
         prompts = read_prompts(args.prompts_file, stdin) if args.prompts_file is not None else None
+        if exports.push_to_hub and not exports.exporting and args.prompt is None and prompts is None:
+            from phicore.inference import read_adapter_info
+
+            push(exports, read_adapter_info(args.adapter, args.base).directory, log)  # no model needed
+            return 0
         session = load_session(args.adapter, base=args.base, device=args.device, dtype=args.dtype,
-                               quantize=args.quantize, dense=args.exporting, warn=log)
-        _run(args, settings, session, prompts, stdout, log)
+                               quantize=args.quantize, dense=exports.merges, warn=log)
+        _run(args, exports, settings, session, prompts, stdout, log)
     except (InferenceError, ExportError) as err:  # bad input
         return fail(err, 2)
     except OutputError as err:  # an output that could not be written
+        return fail(err, 1)
+    except HubTokenError as err:  # nothing to authenticate with
+        return fail(err, 2)
+    except HubUploadError as err:  # the hub refused the upload, or the network failed
         return fail(err, 1)
     except _out_of_memory() as err:
         first = (str(err).strip().splitlines() or [""])[0]
@@ -235,7 +173,7 @@ def main(argv=None, *, stdin=None, stdout=None) -> int:
     return 0
 
 
-def _run(args, settings, session, prompts, stdout, log) -> None:
+def _run(args, exports, settings, session, prompts, stdout, log) -> None:
     from phicore.console import Console
 
     log(f"base {session.info.base_model} ({session.model.dtype}, {session.model.device}), "
@@ -250,10 +188,12 @@ def _run(args, settings, session, prompts, stdout, log) -> None:
         if args.output:
             _write_jsonl(args.output, results)
             log(f"answers written to {args.output}")
-    elif not args.exporting:
+    elif not exports.exporting:
         console.chat()
-    if args.exporting:
-        _export(args, session, log)
+    if exports.exporting:
+        export(exports, session, system=args.system, show_progress=not args.quiet, log=log)
+    if exports.push_to_hub:
+        push(exports, session.info.directory, log)
 
 
 def _out_of_memory() -> tuple:

@@ -32,8 +32,10 @@ setup(
         "jinja2",  # chat templates; torch already depends on it
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "peft", "bitsandbytes", "triton", "gguf",
-                 "kernels"],  # Hugging Face's kernels: tests/test_packaging.py
+        # the oracles; Hugging Face's kernels for tests/test_packaging.py; mlx-lm for the MLX adapter export
+        # (llama-cpp-python builds llama.cpp from source, 15+ minutes: install it yourself; its tests skip)
+        "test": ["pytest", "pytest-timeout", "transformers", "peft", "bitsandbytes", "triton", "gguf", "kernels",
+                 "mlx[cpu]; sys_platform == 'linux'", "mlx-lm; sys_platform == 'linux' or sys_platform == 'darwin'"],
         "plot": ["matplotlib"],
     },
     license="MIT",

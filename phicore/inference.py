@@ -160,6 +160,9 @@ def read_adapter_info(directory, base: Optional[str] = None) -> AdapterInfo:
 
 
 # ----------------------------------------------------------------------------- decoding
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 class AnswerDecoder:
     """Token ids -> answer text, incrementally, with text stops.
 
@@ -175,8 +178,8 @@ class AnswerDecoder:
         self.stopped = False  # a text stop was generated: the answer is complete
         self._emitted = ""
 
-    def _visible(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def _visible(self, ids: Optional[list] = None) -> str:
+        text = self.tokenizer.decode(self.ids if ids is None else ids, skip_special_tokens=True)
         cuts = [i for i in (text.find(s) for s in self.text_stops) if i >= 0]
         if cuts:
             text, self.stopped = text[: min(cuts)], True
@@ -208,7 +211,19 @@ class AnswerDecoder:
             return ""
         self.ids.append(int(token_id))
         text = self._visible()
-        return self._emit(text.rstrip() if self.stopped else self._settled(text))
+        if self.stopped:
+            return self._emit(text.rstrip())
+        run = self._byte_run()
+        if run:  # byte-fallback pieces decode as one run: invalid UTF-8 turns all of it into "\ufffd"s,
+            text = self._visible(self.ids[:-run])  # so what they decode to is settled once the run ends
+        return self._emit(self._settled(text))
+
+    def _byte_run(self) -> int:
+        """How many of the last ids are byte-fallback pieces (<0x41>): 0 for byte-level BPEs."""
+        n = 0
+        while n < len(self.ids) and _BYTE_PIECE.fullmatch(self.tokenizer.id_to_token(self.ids[-1 - n]) or ""):
+            n += 1
+        return n
 
     def finish(self) -> str:
         return self._emit(self.text)

@@ -141,7 +141,7 @@ MODEL_DAMAGE = {
         lambda f: (f / "generation_config.json").write_text('{"eos_token_id": "</s>"}'),
         ["generation_config.json", "eos_token_id"]),
     "oversized-tokenizer": (lambda f: (shutil.rmtree(f), small_vocab_model(f.parent / "_src", f, 200)),
-                            ["tokenizer.json", "257", "200", "vocab_size"]),
+                            ["tokenizer.json", "320", "200", "vocab_size"]),
     "shard-missing": (lambda f: (shutil.rmtree(f), sharded(f.parent / "_src", f), _first_shard(f).unlink()),
                       ["model.safetensors.index.json", "missing", "model-00001-of-"]),
     "shard-truncated": (lambda f: (shutil.rmtree(f), sharded(f.parent / "_src", f), truncate(_first_shard(f), -10)),
@@ -265,10 +265,10 @@ def test_infer_bad_base_exits_2(case, adapter, damaged, capsys):
 
 def test_infer_tokenizer_larger_than_the_base_vocabulary(adapter_copy, bases, tmp_path, capsys):
     base = small_vocab_model(bases["tiny-phi-3"], tmp_path / "small", 200)
-    (base / "tokenizer.json").unlink()  # the adapter folder's own tokenizer (264 ids) is the one used
+    (base / "tokenizer.json").unlink()  # the adapter folder's own tokenizer (320 ids) is the one used
     load_tokenizer(bases["tiny-phi-3"]).save(adapter_copy)
     infer_error(capsys, "--adapter", adapter_copy, "--base", base, "--prompt", "hi", "--quiet",
-                expected=[str(adapter_copy / "tokenizer.json"), "264", "200"])
+                expected=[str(adapter_copy / "tokenizer.json"), "320", "200"])
 
 
 def test_infer_invalid_target_modules_regex(adapter_copy, capsys):

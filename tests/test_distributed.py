@@ -183,7 +183,10 @@ def test_grad_accum_across_ranks(base, data, cache_dir, tmp_path):
     run_ranks([*common(base, data, cache_dir, *EQUIV), "--batch-size", 1, "--grad-accum", 2, "--out", out], 2,
               tmp_path / "logs")
     assert run_main(*common(base, data, cache_dir, *EQUIV), "--batch-size", 2, "--grad-accum", 2, "--out", single) == 0
-    assert max_diff(adapter(single), adapter(out)) <= 1e-6
+    # gradients summed across ranks vs accumulated in one process: fp32 summation order differs,
+    # and Adam turns that noise into update differences far above it on near-zero elements (1.3e-6
+    # measured here); a wrong step (normalisation, sync) differs by the order of lr, 2e-4
+    assert max_diff(adapter(single), adapter(out)) <= 1e-5
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -30,14 +30,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import infer  # noqa: E402
-from tiny_models import SHARED, save_hf_checkpoint  # noqa: E402
+from tiny_models import SHARED, make_adapter, save_hf_checkpoint  # noqa: E402
 
 from phicore.export import ExportError  # noqa: E402
 from phicore.export.gguf import gguf_tensor_name, read_sentencepiece_model, write_gguf  # noqa: E402
 from phicore.export.merge import check_target_folder, parse_size, save_merged  # noqa: E402
 from phicore.inference import GenerationSettings, load_session  # noqa: E402
-from phicore.lora import LoRALinear, apply_lora, disable_adapter, lora_layers  # noqa: E402
-from phicore.peft_io import save_adapter  # noqa: E402
+from phicore.lora import LoRALinear, disable_adapter  # noqa: E402
 from phicore.tiny import PHI3_SPECIAL_TOKENS, build_tiny, byte_level_tokenizer  # noqa: E402
 from phicore.tokenizer import load_tokenizer  # noqa: E402
 from phicore.weights import load_model  # noqa: E402
@@ -62,24 +61,6 @@ def bases(tmp_path_factory):
                              chat_template=None).save(folder)
         folders[shape] = folder
     return folders
-
-
-def make_adapter(base: Path, out: Path, *, quantize=None, use_dora=False, seed=0) -> Path:
-    """An adapter folder as train.py writes it, with random (non-zero) LoRA B."""
-    torch.manual_seed(seed)
-    model = load_model(base, device="cpu", quantize=quantize)
-    apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear", use_dora=use_dora)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.lora_B.weight.normal_(0, 0.05)
-            if use_dora:
-                layer.lora_magnitude_vector.mul_(1 + 0.1 * torch.rand_like(layer.lora_magnitude_vector))
-    save_adapter(model, out, base_model_name_or_path=str(base))
-    load_tokenizer(base).save(out)
-    quantization = {"type": "nf4", "double_quant": True, "compute_dtype": "float32"} if quantize else None
-    record = {"base_model": str(base), "prompt_template": None, "quantization": quantization, "max_length": 64}
-    (out / "training_config.json").write_text(json.dumps(record), encoding="utf-8")
-    return out
 
 
 def ids_for(vocab_size: int, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -339,7 +320,8 @@ def test_gguf_through_the_cli_with_merge(bases, tmp_path):
     weight = merged.state_dict()["model.layers.1.mlp.down_proj.weight"].numpy()
     got = dequantized(tensors["blk.1.ffn_down.weight"])
     assert np.abs(got - weight).max() <= np.abs(weight).max() / 127
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.padding_token_id"] == merged.config.pad_token_id
+    # tiny-phi-3's tokenizer is SentencePiece-style with byte fallback, as Phi-3's: llama.cpp's "llama" vocabulary
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.padding_token_id"] == merged.config.pad_token_id
 
 
 def test_gguf_missing_package_is_one_clear_line(bases, tmp_path, monkeypatch, capsys):

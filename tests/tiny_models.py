@@ -113,3 +113,32 @@ def phicore_model(shape: str, seed: int = 0, lora: bool = True, **overrides):
             for _, layer in lora_layers(model):
                 layer.lora_B.weight.normal_(0, 0.1)
     return model
+
+
+def make_adapter(base: Path, out: Path, *, quantize=None, use_dora=False, use_rslora=False, patterns=False,
+                 template=None, seed=0, **lora) -> Path:
+    """An adapter folder as train.py writes it (PEFT files, tokenizer, run record) over `base`,
+    with random non-zero LoRA B (and DoRA magnitudes) so that it changes the model's output.
+    `patterns`: per-layer ranks and alphas; `lora`: apply_lora's other arguments."""
+    from phicore.lora import apply_lora, lora_layers
+    from phicore.peft_io import save_adapter
+    from phicore.record import RunRecord
+    from phicore.tokenizer import load_tokenizer
+    from phicore.weights import load_model
+
+    torch.manual_seed(seed)
+    model = load_model(base, device="cpu", quantize=quantize)
+    if patterns:
+        lora.update(rank_pattern={"fc1": 2, "gate_up_proj": 2}, alpha_pattern={"dense": 3.0, "o_proj": 3.0})
+    apply_lora(model, **{"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear", "use_dora": use_dora,
+                         "use_rslora": use_rslora, **lora})
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(0, 0.05)
+            if use_dora:
+                layer.lora_magnitude_vector.mul_(1 + 0.1 * torch.rand_like(layer.lora_magnitude_vector))
+    save_adapter(model, out, base_model_name_or_path=str(base))
+    load_tokenizer(base).save(out)
+    quantization = {"type": "nf4", "double_quant": True, "compute_dtype": "float32"} if quantize else None
+    RunRecord(base_model=str(base), prompt_template=template, quantization=quantization).write(out)
+    return out

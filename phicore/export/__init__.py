@@ -1,5 +1,7 @@
-"""Shipping a fine-tuned model: the adapter merged into its base and written as a standalone
-Hugging Face folder (merge.py), or as a GGUF file for llama.cpp (gguf.py)."""
+"""Shipping a fine-tuned model: merged Hugging Face folders (merge.py), GGUF for llama.cpp
+(gguf.py, kquants.py, quant_plan.py, gguf_lora.py), Ollama (ollama.py), mlx-lm adapters
+(mlx_adapter.py), model cards (model_card.py); each checked once written (verify.py,
+gguf_vocabulary.py, llama_check.py); infer.py's flags for them in targets.py."""
 
 
 class ExportError(ValueError):
@@ -7,4 +9,8 @@ class ExportError(ValueError):
     optional package): one line for the user."""
 
 
-__all__ = ["ExportError"]
+class VerifyError(Exception):
+    """An export that does not read back as the model in memory: one line naming the file and tensor."""
+
+
+__all__ = ["ExportError", "VerifyError"]

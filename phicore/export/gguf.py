@@ -8,9 +8,12 @@ shared/docs/reference.md section 6:
   llama.cpp splits them at run time. A tied lm_head is not written (llama.cpp reuses
   token_embd). Longrope models get `rope_factors_long.weight` / `rope_factors_short.weight`
   (f32, rotary_dim / 2 values) and `{arch}.rope.scaling.attn_factor`.
-- Types: 2-D weights in the chosen type (f16, bf16 or q8_0); 1-D tensors (norms, biases, rope
-  factors) stay f32, as the converter keeps them. A q8_0 weight whose rows are not a multiple of
-  the 32-value block falls back to f16, as the converter does.
+- Types: 2-D weights in the chosen type; 1-D tensors (norms, biases, rope factors) stay f32, as
+  the converter keeps them. f16 and bf16 apply to every 2-D weight; q8_0, q6_k, q5_k_m, q4_k_m and
+  q4_0 follow `llama-quantize`'s mixture rules and row-length fallbacks (quant_plan.py: which
+  tensors get Q6_K, Q5_0 for rows that are not a multiple of 256, ...) and write its
+  `general.file_type`. The K-quants and Q4_0 are encoded by kquants.py (llama.cpp's reference
+  quantisers in PyTorch, no compiler needed), q8_0 / q5_0 / q5_1 by the gguf package.
 - Metadata: `{arch}.context_length`, `.embedding_length`, `.feed_forward_length`,
   `.block_count`, `.attention.head_count(_kv)`, `.attention.layer_norm_epsilon` (LayerNorm,
   phi2) or `.attention.layer_norm_rms_epsilon` (RMSNorm, phi3), `.rope.dimension_count`,
@@ -44,9 +47,9 @@ import torch
 import torch.nn as nn
 
 from ..lora import lora_layers
-from . import ExportError
+from . import ExportError, kquants, quant_plan
 
-GGUF_TYPES = ("f16", "bf16", "q8_0")
+GGUF_TYPES = tuple(quant_plan.GGUF_TYPES)  # f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0
 
 
 @dataclass(frozen=True)
@@ -237,19 +240,30 @@ class _PlannedTensor:
     shape: tuple
 
 
-def _tensor_type(gguf, name: str, shape: tuple, out_type: str, warn):
-    Q = gguf.GGMLQuantizationType
-    if len(shape) <= 1 or name.endswith("_norm.weight"):
-        return Q.F32
-    qtype = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if shape[-1] % block:
-        warn(f"warning: {name}: rows of {shape[-1]} values are not a multiple of {block}; written as f16")
-        return Q.F16
-    return qtype
+def plan_tensor_types(shapes: dict, out_type: str, n_layers: int, warn: Callable[[str], None] = print) -> dict:
+    """GGUF name -> GGML type name ("Q4_K", "F32", ...) of each tensor (`shapes`: GGUF name -> torch
+    shape), as llama-quantize chooses them (quant_plan.py); one warning per fallback for the tensors
+    whose rows do not fit the chosen type's block."""
+    tied = "output.weight" not in shapes
+    types = {name: quant_plan.tensor_type(name, shape, out_type, n_layers, tied) for name, shape in shapes.items()}
+    fallbacks = {}
+    for name, chosen in types.items():
+        if chosen.ggml_type != chosen.wanted:
+            fallbacks.setdefault((chosen.wanted, chosen.ggml_type), []).append(name)
+    for (wanted, written), names in fallbacks.items():
+        warn(f"warning: {len(names)} tensor(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) have rows "
+             f"that are not a multiple of {quant_plan.BLOCK_SIZE[wanted]} values ({wanted}'s block): written as "
+             f"{written.lower()}, as llama-quantize falls back")
+    return {name: chosen.ggml_type for name, chosen in types.items()}
 
 
-def _encode(gguf, tensor: torch.Tensor, qtype) -> np.ndarray:
+def _encode(gguf, tensor: torch.Tensor, qtype, name: str) -> np.ndarray:
+    """The tensor's bytes in `qtype`: K-quants and Q4_0 by kquants.py, the rest by the gguf package."""
+    if qtype.name in kquants.QUANTIZERS:
+        try:
+            return kquants.quantize(tensor, qtype.name)
+        except ValueError as error:  # inf or NaN weights
+            raise ExportError(f"{name}: {error}") from None
     array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
     return gguf.quants.quantize(array, qtype)
 
@@ -262,6 +276,31 @@ def _nbytes_and_shape(gguf, shape: tuple, qtype) -> tuple:
         return int(np.prod(shape)) * np.dtype(dtype).itemsize, shape, dtype
     byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
     return int(np.prod(byte_shape)), byte_shape, np.uint8
+
+
+def gguf_tensors(model: nn.Module) -> dict:
+    """{GGUF name: tensor} of a merged model's GGUF file, in writing order: the rope factors of a
+    longrope model (f32), then the state dict's tensors, without a tied lm_head (llama.cpp falls
+    back to token_embd). The writer and the read-back check (verify.py) share this list."""
+    config = model.config
+    tensors = {}
+    if config.rope_type == "longrope":
+        for name, factors in zip(ROPE_FACTOR_TENSORS, (config.rope_long_factor, config.rope_short_factor)):
+            tensors[name] = torch.tensor(factors, dtype=torch.float32)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    tensors.update((gguf_tensor_name(key), tensor) for key, tensor in state.items())
+    return tensors
+
+
+def gguf_name_for(tokenizer, name: str) -> str:
+    """A general.name under which llama.cpp tokenises as phicore: llama.cpp strips the whitespace
+    after special tokens (as Phi-3's tokenizer.json declares with rstrip) only for names that
+    contain "phi3" or "phi-3"."""
+    rstrip = any(t.rstrip for t in tokenizer.backend.get_added_tokens_decoder().values())
+    named = "phi3" in name.lower() or "phi-3" in name.lower()
+    return f"phi3-{name}" if rstrip and not named else name
 
 
 def write_gguf(model: nn.Module, tokenizer, path, out_type: str = "f16", *, name: Optional[str] = None,
@@ -281,30 +320,20 @@ def write_gguf(model: nn.Module, tokenizer, path, out_type: str = "f16", *, name
     arch = ARCHS[config.model_type]
     path = Path(path)
 
-    state = model.state_dict()
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd
-    plan = []
-    if config.rope_type == "longrope":
-        for tensor_name, factors in zip(ROPE_FACTOR_TENSORS, (config.rope_long_factor, config.rope_short_factor)):
-            values = torch.tensor(factors, dtype=torch.float32)
-            plan.append(_PlannedTensor(tensor_name, lambda v=values: v, gguf.GGMLQuantizationType.F32,
-                                       tuple(values.shape)))
-    for key, tensor in state.items():
-        tensor_name = gguf_tensor_name(key)
-        shape = tuple(tensor.shape)
-        plan.append(_PlannedTensor(tensor_name, lambda t=tensor: t, _tensor_type(gguf, tensor_name, shape, out_type, warn),
-                                   shape))
+    tensors = gguf_tensors(model)
+    types = plan_tensor_types({name: tuple(t.shape) for name, t in tensors.items()}, out_type,
+                              config.num_hidden_layers, warn)
+    plan = [_PlannedTensor(name, lambda t=tensor: t, gguf.GGMLQuantizationType[types[name]], tuple(tensor.shape))
+            for name, tensor in tensors.items()]
 
     vocab = gguf_vocab(tokenizer, config.vocab_size, sentencepiece_model=sentencepiece_model, warn=warn)
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+    file_type = quant_plan.GGUF_TYPES[out_type].file_type
 
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(tmp), arch.name)
     try:
-        _write_metadata(writer, gguf, config, arch, name or path.stem, file_type)
+        _write_metadata(writer, gguf, config, arch, gguf_name_for(tokenizer, name or path.stem), file_type)
         _write_vocab(writer, tokenizer, vocab)
         for item in plan:
             nbytes, shape, dtype = _nbytes_and_shape(gguf, item.shape, item.qtype)
@@ -313,13 +342,18 @@ def write_gguf(model: nn.Module, tokenizer, path, out_type: str = "f16", *, name
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        items = plan
+        bar = None
         if show_progress:
             from tqdm import tqdm
 
-            items = tqdm(plan, desc=f"writing {path.name}", unit="tensor")
-        for item in items:  # one converted tensor in memory at a time
-            writer.write_tensor_data(_encode(gguf, item.source(), item.qtype))
+            bar = tqdm(total=sum(int(np.prod(item.shape)) for item in plan), desc=f"writing {path.name} ({out_type})",
+                       unit="w", unit_scale=True)
+        for item in plan:  # one converted tensor in memory at a time
+            writer.write_tensor_data(_encode(gguf, item.source(), item.qtype, item.name))
+            if bar is not None:
+                bar.update(int(np.prod(item.shape)))
+        if bar is not None:
+            bar.close()
         writer.close()
         os.replace(tmp, path)
     except BaseException:

@@ -162,6 +162,12 @@ class RunConfig:
                               section="output", aliases=("--overwrite_output_dir",), saved=False, resumable="free")
     debug: bool = setting(False, "show the Python traceback of an error too, not only its one line",
                           section="output", saved=False, resumable="free")
+    push_to_hub: Optional[str] = setting(None, "once the run has finished, upload the adapter, tokenizer, README.md "
+                                         "model card, training_config.json and metrics to this Hugging Face hub "
+                                         "model repo (token: HF_TOKEN or the saved `hf auth login`)",
+                                         section="output", metavar="REPO_ID", saved=False, resumable="free")
+    private: bool = setting(False, "--push-to-hub: create the repo private", section="output", saved=False,
+                            resumable="free")
 
     def __post_init__(self):
         if self.lr is None:  # derived once here, so the saved config names the rate the run used
@@ -201,6 +207,9 @@ class RunConfig:
         if self.compute_dtype is not None and self.quantize is None:
             raise SettingsError("--compute-dtype sets the dtype NF4 layers compute in: it needs --quantize nf4 "
                                 "(--dtype sets the dtype of a dense base)", field="compute_dtype")
+        from ..hub_push import check_push_flags
+
+        check_push_flags(self.push_to_hub, self.private)
 
     # -- resuming
     def changes_from(self, saved: dict) -> tuple:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..export.model_card import CARD_NAME
 from ..peft_io import CONFIG_NAME, WEIGHTS_NAME
 from ..record import RECORD_NAME, RecordError, RunRecord
 from ..tokenizer_files import (CHAT_TEMPLATE_JINJA_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE,
@@ -37,7 +38,7 @@ BASE_NAME = "base"  # a tiny preset's base model, built into the run's folder
 BEST_NAME = "best"
 # everything a run writes into OUT (beside the lock and .replaced/)
 RUN_FILES = (WEIGHTS_NAME, CONFIG_NAME, RECORD_NAME, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE,
-             CHAT_TEMPLATE_JINJA_FILE, JSONL_NAME, CSV_NAME, CURVES_NAME, BEST_NAME, BASE_NAME)
+             CHAT_TEMPLATE_JINJA_FILE, JSONL_NAME, CSV_NAME, CURVES_NAME, CARD_NAME, BEST_NAME, BASE_NAME)
 
 
 class OutputFolder:

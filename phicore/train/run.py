@@ -7,7 +7,9 @@
                  and prompt format, data read (through the tokenised cache), base loaded and
                  LoRA applied, batches planned
     train:       the loop (loop.py): checkpoints, metrics, best/
-    save:        the final adapter, the tokenizer files and the run record (RunRecord)
+    save:        the final adapter, the tokenizer files, the model card (README.md) and the run
+                 record (RunRecord)
+    push:        with --push-to-hub, the finished run's files to the Hugging Face hub (hub_push.py)
 
 Bad input (the data files, the model folder, the output folder, a checkpoint) raises
 `UsageError`, one line (train.py exits 2), found before the model is loaded where it can be;
@@ -55,7 +57,45 @@ def finetune(config: RunConfig, *, log: Log = print) -> TrainResult:
     `stop_after`: a checkpoint was written and the final outputs were not; `.already_complete`:
     the run in --out had finished, nothing was trained).
 
+    With `config.push_to_hub` the hub token is looked up before anything else (UsageError
+    without one) and the finished run's files are uploaded once it is complete (also when it
+    already was); a failed upload raises phicore.hub_push.HubUploadError (an OSError) and
+    leaves the finished run as it is.
+
     Raises UsageError for bad input, FloatingPointError when training diverged."""
+    token = _hub_token() if config.push_to_hub else None
+    result = _finetune_in_folder(config, log)
+    if token is not None and result.finished and DistContext.from_env().is_main:
+        _push(config, token, log)
+    return result
+
+
+def _hub_token() -> str:
+    from ..hub_push import HubTokenError, hub_token
+
+    try:
+        return hub_token()
+    except HubTokenError as err:
+        raise UsageError(str(err)) from None
+
+
+def _push(config: RunConfig, token: str, log: Log) -> None:
+    """Upload the finished run's shareable files (phicore.hub_push.adapter_files) from --out."""
+    from ..hub_push import HubUploadError, adapter_files, push
+
+    files = adapter_files(config.out)
+    log(f"--push-to-hub: uploading {len(files)} files of {config.out} to {config.push_to_hub}")
+    try:
+        url = push(config.push_to_hub, config.out, token=token, private=config.private, files=files,
+                   commit_message=f"phicore run {Path(config.out).resolve().name}")
+    except HubUploadError as err:
+        raise HubUploadError(f"{err}; the finished run in {config.out} is kept: the same command with --resume "
+                             "auto pushes it without training again") from err
+    log(f"pushed to {url}")
+
+
+def _finetune_in_folder(config: RunConfig, log: Log) -> TrainResult:
+    """finetune without the hub push: the run in its locked output folder."""
     dist = DistContext.from_env()
     say = log if dist.is_main else (lambda message: None)
     folder = OutputFolder(config.out)
@@ -143,9 +183,10 @@ class Run:
     summary: str
     dist: DistContext = field(default_factory=DistContext)
     fingerprint: dict = field(default_factory=dict)  # the data files' sha256: compared when resuming
+    hub_repo: Optional[str] = None  # --push-to-hub: the model card's snippets load the adapter from there
 
     def save_outputs(self, result: TrainResult) -> None:
-        """Final adapter (PEFT files), tokenizer files and the run record into OUT/.
+        """Final adapter (PEFT files), tokenizer files, the model card (README.md) and the run record into OUT/.
         Every rank calls it (a sharded adapter is gathered first); rank 0 writes."""
         self.dist.save_adapter(self.model, self.out_dir, base_model_name_or_path=self.record.base_model)
         if not self.dist.is_main:
@@ -156,6 +197,10 @@ class Run:
             "seconds": round(result.seconds, 3), "tokens": result.tokens,
             "peak_memory_bytes": result.peak_memory_bytes, "stopped_early": result.stopped_early,
         }
+        from ..export.model_card import write_model_card
+
+        stop_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in self.tokenizer.stop_token_ids]
+        write_model_card(self.out_dir, self.record, repo_id=self.hub_repo, stop_texts=stop_texts)
         self.record.write(self.out_dir)  # last: a finished run is one with a record that holds a result
 
 
@@ -270,7 +315,7 @@ def _prepare_run(config: RunConfig, start: StartPoint, dist: DistContext, log: L
                        quantization=quantization, config=config.to_dict(), world_size=dist.world_size,
                        data_cache=str(full.folder))
     return Run(model, tokenizer, train_plan, val_plan, start.checkpoint, device, out_dir, record, "\n".join(lines),
-               dist, fingerprint)
+               dist, fingerprint, hub_repo=config.push_to_hub)
 
 
 def _build_model(config: RunConfig, base: str, device: torch.device, dist: DistContext):
