@@ -27,12 +27,13 @@ CHECK = r"""
 import json, kernels, torch
 import phicore.kernels as ours
 from phicore.nf4 import quantize_nf4
+torch.manual_seed(0)
 w = torch.randn(8, 64)
 packed, state = quantize_nf4(w)
 dense = ours.dequantize_nf4(packed, state, torch.float32)
 print(json.dumps({
     "hf_kernels": kernels.__file__, "hf_get_kernel": callable(getattr(kernels, "get_kernel", None)),
-    "phicore_kernels": ours.__file__, "nf4_error": float((dense - w).abs().max()),
+    "phicore_kernels": ours.__file__, "nf4_error": float((dense - w).abs().max() / w.abs().max()),
 }))
 """
 
@@ -78,7 +79,8 @@ def test_installed_phicore_leaves_kernels_to_hugging_face(tmp_path):
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert found["hf_get_kernel"] and not Path(found["hf_kernels"]).is_relative_to(REPO)
     assert Path(found["phicore_kernels"]).is_relative_to(site)  # the installed copy, not this checkout
-    assert found["nf4_error"] < 0.5  # NF4 round trip of N(0, 1) weights: a working dequantise
+    # a working dequantise: NF4's widest gap (-1 to -0.696) is at most ~0.16 of a block's absmax away
+    assert found["nf4_error"] < 0.16
 
     if importlib.util.find_spec("bitsandbytes") is None:
         return
