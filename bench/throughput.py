@@ -437,6 +437,7 @@ def run(args: argparse.Namespace, argv: list) -> dict:
             if "skipped" in result:
                 print(f"{name}: skipped ({result['skipped']})", file=sys.stderr)
             record["engines"][name] = result
+            write_json({**record, "partial": f"written after {name}"}, path)  # a killed run keeps what it measured
         record["engines"] = {name: record["engines"][name] for name in settings["engines"]}  # asked order
         add_mfu(record)
         record["ratios"] = ratios(record["engines"])

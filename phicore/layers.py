@@ -253,13 +253,15 @@ class Attention(nn.Module):
         return self._project(x)[:3]
 
     def _project(self, x: torch.Tensor):
-        """project_qkv plus whether q and k may be overwritten in place: not when a projection
-        returned a view (autograd forbids in-place changes to a view a custom Function made,
-        e.g. NF4Linear's output with a bias)."""
+        """project_qkv plus whether q and k may be overwritten in place: only when both are tensors
+        of their own. Never for a fused qkv_proj: q and k are then two views of one tensor, and
+        autograd refuses a Function that returns two outputs after changing a view in place
+        (seen on CUDA with the unfused LoRA path); nor when a projection returned a view (e.g.
+        NF4Linear's output with a bias). Out of place moves the same bytes, into new q and k."""
         if self.fused_qkv:
             H, KV, d = self.num_heads, self.num_kv_heads, self.head_dim
             qkv = self.qkv_proj(x)  # (B, T, (H + 2 KV) d)
-            return (*qkv.split([H * d, KV * d, KV * d], dim=-1), not qkv._is_view())
+            return (*qkv.split([H * d, KV * d, KV * d], dim=-1), False)
         q, k = self.q_proj(x), self.k_proj(x)
         return q, k, self.v_proj(x), not (q._is_view() or k._is_view())
 

@@ -39,7 +39,8 @@ from phicore.tiny import build_tiny  # noqa: E402
 from phicore.train.checkpoint import list_checkpoints  # noqa: E402
 from phicore.weights import load_model  # noqa: E402
 
-FAST = ["--max-length", "64", "--quiet", "--no-grad-checkpointing"]
+# on CPU even where a GPU exists: the ranks are forked (no CUDA after fork) and use gloo
+FAST = ["--max-length", "64", "--quiet", "--no-grad-checkpointing", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -330,7 +330,7 @@ def test_ddp_two_ranks_with_offload_equal_one_rank(bases, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(8))
     common = ["--model", bases["tiny-phi-3"], "--data", data, "--data-cache", tmp_path / "cache", "--val-split", 0,
               "--max-length", 48, "--quiet", "--lora-dropout", 0, "--max-steps", 2, "--lr", 2e-4,
-              "--warmup-ratio", 0]
+              "--warmup-ratio", 0, "--device", "cpu"]  # forked ranks: no CUDA in the parent
     assert run_main(*common, "--batch-size", 4, "--out", tmp_path / "one") == 0
     log = run_ranks([*common, "--batch-size", 2, "--offload-checkpoints", "--out", tmp_path / "two"], 2,
                     tmp_path / "logs")
