@@ -17,9 +17,10 @@ read from it, so prompts are formatted exactly as in training. Bad input (adapte
 model files, flags, prompts, export target) prints one line and exits 2 before anything is
 written; an output that cannot be written (disk full, read-only folder) prints one line naming
 the path and exits 1, as does an export that does not read back as the model in memory (every
-export is read back and checked: phicore.export.verify), running out of GPU memory or a failed
-hub upload (no token to push with is bad input: 2, found before the model is loaded). --debug
-adds the traceback to those lines; any other error is a bug and shows its traceback anyway.
+export is read back and checked: phicore.export.verify), running out of GPU memory, torch.compile
+failing (--compile) or a failed hub upload (no token to push with is bad input: 2, found before
+the model is loaded). --debug adds the traceback to those lines; any other error is a bug and
+shows its traceback anyway.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from phicore.compile import COMPILE_MODES, compile_failure, compile_model
 from phicore.export import ExportError
 from phicore.export.targets import (ExportOptions, OutputError, check_targets, check_writable, export, push,
                                     writing)
@@ -67,9 +69,18 @@ class InferOptions:
     debug: bool = setting(False, "show the traceback of known errors too (bad input, unwritable output)",
                           section="output")
     device: Optional[str] = setting(None, "cpu, cuda, cuda:1, mps (default: the best available)", section="device")
+    plan: bool = setting(False, "print the memory plan of generating (weights, adapter(s), KV cache, prefill) "
+                         "against the device's free memory and exit; prompts of --max-new-tokens length assumed "
+                         "unless --prompt is given", section="device")
     dtype: Optional[str] = setting(None, "default: fp32 on CPU, bf16 on GPU", section="device", choices=DTYPE_NAMES)
     quantize: Optional[str] = setting(None, "hold the base in 4-bit NF4 (default: as the adapter was trained)",
                                       section="device", choices=("nf4",))
+    compile: bool = setting(False, "torch.compile the decoder layers; decoding then uses a static KV cache, so each "
+                            "new token reuses one compiled step (the same greedy tokens as without). The first "
+                            "prompt pays the compile (~18 s for a small model on a CPU thread): for many prompts, "
+                            "not one", section="device")
+    compile_mode: str = setting("default", "with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)",
+                                section="device", choices=COMPILE_MODES)
     def __post_init__(self):
         check(self)
         if self.adapter is None:
@@ -125,6 +136,35 @@ def _write_jsonl(path: str, results) -> None:
         atomic_write_text(Path(path), "".join(lines))
 
 
+def generation_plan(args, settings) -> str:
+    """infer.py --plan: the planner's generation terms for this adapter's base (config.json only)."""
+    import torch
+
+    from phicore.inference import read_adapter_info
+    from phicore.memory_plan import device_budget, plan_generation
+    from phicore.train.batch_size import model_config_for
+    from phicore.train.config import UsageError
+    from phicore.weights import default_device, default_dtype, parse_dtype
+
+    info = read_adapter_info(args.adapter, args.base)
+    try:
+        model_config = model_config_for(info.base_model)
+    except UsageError as err:
+        raise InferenceError(str(err)) from None
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = parse_dtype(args.dtype) or default_dtype(device)
+    quantize = args.quantize or ((info.quantization or {}).get("type"))
+    prompt_tokens = len(args.prompt) // 3 + 16 if args.prompt else settings.max_new_tokens  # ~3 characters a token
+    rows = args.batch_size if args.prompts_file else 1
+    targets = info.adapter_config.get("target_modules") or "all-linear"
+    plan = plan_generation(model_config, batch_size=rows, prompt_tokens=prompt_tokens,
+                           new_tokens=settings.max_new_tokens, weight_bytes=dtype.itemsize, quantize=quantize,
+                           lora_r=int(info.adapter_config.get("r", 16)),
+                           targets=targets if isinstance(targets, str) else ",".join(targets),
+                           adapters=1)  # --compare switches the same adapter off: one base, one adapter
+    return plan.table(device_budget(device))
+
+
 def main(argv=None, *, stdin=None, stdout=None) -> int:
     """infer.py: 0 done, 2 bad input, 1 an output that could not be written or out of (GPU) memory,
     130 Ctrl-C."""
@@ -153,8 +193,13 @@ def main(argv=None, *, stdin=None, stdout=None) -> int:
 
             push(exports, read_adapter_info(args.adapter, args.base).directory, log)  # no model needed
             return 0
+        if args.plan:  # the memory plan, nothing loaded
+            print(generation_plan(args, settings), file=stdout)
+            return 0
         session = load_session(args.adapter, base=args.base, device=args.device, dtype=args.dtype,
                                quantize=args.quantize, dense=exports.merges, warn=log)
+        if args.compile:
+            compile_model(session.model, mode=args.compile_mode)
         _run(args, exports, settings, session, prompts, stdout, log)
     except (InferenceError, ExportError) as err:  # bad input
         return fail(err, 2)
@@ -170,6 +215,11 @@ def main(argv=None, *, stdin=None, stdout=None) -> int:
                             "--quantize nf4, or another --device")
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # --compile: the compiler failing is one line, exit 1
+        message = compile_failure(err, "the decoder layers") if args.compile else None
+        if message is None:
+            raise
+        return fail(err, 1, message)
     return 0
 
 

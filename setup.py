@@ -34,9 +34,10 @@ setup(
     extras_require={
         # the oracles; Hugging Face's kernels for tests/test_packaging.py; mlx-lm for the MLX adapter export
         # (llama-cpp-python builds llama.cpp from source, 15+ minutes: install it yourself; its tests skip)
-        "test": ["pytest", "pytest-timeout", "transformers", "peft", "bitsandbytes", "triton", "gguf", "kernels",
+        "test": ["pytest", "pytest-timeout", "transformers", "peft", "bitsandbytes", "triton", "gguf", "kernels", "pyarrow",
                  "mlx[cpu]; sys_platform == 'linux'", "mlx-lm; sys_platform == 'linux' or sys_platform == 'darwin'"],
         "plot": ["matplotlib"],
+        "hub": ["pyarrow"],  # Parquet files of hub datasets (--data ORG/NAME)
     },
     license="MIT",
 )

@@ -13,7 +13,7 @@ RunConfig, calls phicore.finetune and turns what happens into one line and an ex
     2    bad input (flags, config file, data file, model folder, output folder, checkpoint),
          found before anything in --out is written or replaced
     1    a failure while running: training diverged (the last finite checkpoint is kept), a full
-         disk or another write error
+         disk or another write error, torch.compile failing (--compile; the line names the part)
     130  Ctrl-C, 143 SIGTERM: a checkpoint was written (during training), --resume auto continues
 
 --debug shows the Python traceback of those errors too; anything else (a bug) always shows it.
@@ -61,6 +61,11 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread
         previous = None
     try:
+        if config.plan:  # the memory plan, nothing trained
+            from phicore.train.batch_size import plan_report
+
+            print(plan_report(config))
+            return 0
         result = finetune(config)
     except UsageError as err:
         return fail(str(err), 2)
@@ -72,6 +77,13 @@ def main(argv=None) -> int:
     except (KeyboardInterrupt, Terminated) as err:
         code = 130 if isinstance(err, KeyboardInterrupt) else 143
         return fail("interrupted before training started; nothing to resume", code)
+    except Exception as err:  # --compile: the compiler failing (first forward or backward) is one line, exit 1
+        from phicore.compile import compile_failure
+
+        message = compile_failure(err) if config.compile else None
+        if message is None:
+            raise
+        return fail(message, 1)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -117,12 +117,20 @@ def _offload_checkpoints(engine):
     engine.model.checkpoint_offload = True
 
 
+def _compile(engine):
+    from phicore.compile import compile_model
+
+    compile_model(engine.model)
+
+
 # --phicore-option NAME: each turns one issue-7 change off (or an optional one on), so a run
 # measures that change alone against the default phicore path (bench/NOTES.md)
 PHICORE_OPTIONS = {
     "full-logits-loss": ("loss from the full (tokens x vocab) logits, not the chunked linear + CE", None),
     "unfused-lora": ("LoRA through the reference path, not the fused autograd node", _unfused_lora),
     "offload-checkpoints": ("gradient-checkpointed layer inputs kept in (pinned) CPU memory", _offload_checkpoints),
+    "compile": ("torch.compile of the decoder layers (phicore.compile; the warm-up steps compile, "
+                "warmup_step_s records them)", _compile),
     "sdpa-attention": ("windowed or packed rows through SDPA's dense mask, not flex_attention", _sdpa_attention),
     **{f"torch-{op.replace('_', '-')}": (f"{op} through PyTorch, not its Triton kernel", _torch_op(op))
        for op in ("nf4", "rms_norm", "layer_norm", "rope", "swiglu", "gelu_tanh")},

@@ -67,6 +67,22 @@ SHAPES = {
         rope_scaling={"type": "longrope", "short_factor": _ramp(48, 1.0, 2.84),
                       "long_factor": _ramp(48, 1.08, 64.84)},
     ), 2048, 1),
+    # microsoft/Phi-4-mini-instruct: 3.84e9 parameters; GQA 24/8 heads of 128, partial rotary 0.75,
+    # tied embeddings, a 200k vocabulary (stand-in longrope factors, 48 = rotary dims / 2)
+    "phi-4-mini": (dict(
+        _PHI3_COMMON, vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, partial_rotary_factor=0.75,
+        tie_word_embeddings=True, max_position_embeddings=131072, original_max_position_embeddings=4096,
+        sliding_window=262144, bos_token_id=199999, eos_token_id=199999, pad_token_id=199999,
+        rope_scaling={"type": "longrope", "short_factor": _ramp(48, 1.0, 2.84),
+                      "long_factor": _ramp(48, 1.08, 64.84)},
+    ), 2048, 1),
+    # microsoft/phi-4: 14.7e9 parameters; GQA 40/10 heads of 128, rope theta 250000, no window
+    "phi-4": (dict(
+        _PHI3_COMMON, vocab_size=100352, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=10, max_position_embeddings=16384, rope_theta=250000.0,
+        sliding_window=None, bos_token_id=100257, eos_token_id=100265, pad_token_id=100349,
+    ), 2048, 1),
 }
 
 

@@ -236,7 +236,7 @@ def run_engine(job: dict) -> dict:
     result["mem_peak_before_training"] = memory.peak()
     memory.reset_peak()
 
-    steps, cpu_times, losses, phases = [], [], [], []
+    steps, cpu_times, losses, phases, warmup_steps = [], [], [], [], []
     total = job["warmup"] + job["steps"]
     for i in range(total):
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -248,6 +248,8 @@ def run_engine(job: dict) -> dict:
             steps.append(elapsed)
             cpu_times.append(cpu)
             phases.append(phase)
+        else:  # the first step pays for torch.compile (--phicore-option compile)
+            warmup_steps.append(elapsed)
         log(f"  {job['engine']}: step {i + 1}/{total}{' (warm-up)' if i < job['warmup'] else ''} "
             f"{elapsed:.3f} s, loss {loss:.4f}")
     sync(device)
@@ -259,6 +261,7 @@ def run_engine(job: dict) -> dict:
         "step_s_median": statistics.median(steps),
         "step_s": spread(steps),
         "step_s_all": steps,
+        "warmup_step_s": warmup_steps,
         "step_cpu_s": spread(cpu_times),  # process CPU time (all threads): steadier than wall on a busy host
         "phases_s_median": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
         "losses": losses,

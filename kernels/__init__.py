@@ -21,6 +21,8 @@ docstring. phicore/layers.py calls them only where `uses_triton(op, device)` is 
 default), so CPU runs keep the plain PyTorch modules bit for bit. Likewise NF4 layers
 (phicore.frozen_linear) call nf4_matvec (op "nf4_gemv", kernels/nf4_gemv_triton.py, reference nf4_torch.nf4_matvec_torch)
 only where uses_triton("nf4_gemv", device), for a few tokens and no gradient (decoding).
+Under torch.compile the NF4 ops are opaque custom ops (kernels/custom_ops.py) and layers.py
+leaves the fused ops to inductor (phicore/compile.py).
 """
 
 from __future__ import annotations
@@ -153,6 +155,10 @@ def dequantize_nf4(
     dtype defaults to state.dtype (the weight's dtype before quantisation).
     """
     dtype = state.dtype if dtype is None else dtype
+    if torch.compiler.is_compiling():  # one opaque node for torch.compile (kernels/custom_ops.py)
+        from .custom_ops import dequantize_nf4_op, state_args
+
+        return dequantize_nf4_op(packed, *state_args(state), dtype)
     if _resolve(backend, packed.device, "nf4") == "triton":
         return _triton_module().dequantize_nf4_triton(packed, state, dtype)
     return dequantize_nf4_torch(packed, state, dtype)
@@ -169,6 +175,10 @@ def nf4_matvec(
     does). Torch: the reference, dequantise + F.linear. No autograd: callers needing gradients
     use phicore.nf4.NF4MatMul.
     """
+    if torch.compiler.is_compiling():  # one opaque node for torch.compile (kernels/custom_ops.py)
+        from .custom_ops import nf4_matvec_op, state_args
+
+        return nf4_matvec_op(x, packed, *state_args(state), bias)
     if _resolve(backend, x.device, "nf4_gemv") == "triton":
         impl = _triton_impl("nf4_gemv")
         if impl.supports(x, state):

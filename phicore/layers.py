@@ -32,6 +32,8 @@ from .config import ModelConfig
 def _use_kernel(op: str, x: torch.Tensor, *frozen: Optional[torch.Tensor]) -> bool:
     """Whether `op` takes its fused kernel for x: Triton runs on x's device, and none of the
     `frozen` parameters wants a gradient (the fused norms compute dL/dx only)."""
+    if torch.compiler.is_compiling():  # inductor fuses the plain code below into its own kernels
+        return False
     if not kernels.uses_triton(op, x.device):
         return False
     return not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in frozen))
@@ -135,21 +137,57 @@ class KVCache:
 
     `length` counts the positions filled so far; the model advances it once per forward,
     after all layers have written their new keys and values.
+
+    static (for a compiled decoder stack, phicore.compile): `update` writes the new keys at
+    `write_positions` (a tensor set by `begin`, before the layers run) and returns the whole
+    (B, KV, max_len, d) buffers; the model masks the unfilled positions (`static_mask`). The
+    shapes are then the same at every decode step, and nothing in the layers reads `length`
+    (a Python int that would recompile the graph at every token).
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device):
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device, static: bool = False):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
         self.length = 0
         self.uses_long_rope = False  # set by generation: which longrope factors the keys carry
+        self.static = static
+        self.write_positions: Optional[torch.Tensor] = None  # static: (T,) long, set by begin()
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, KV, T, d) after the filled part; return all keys/values (B, KV, S, d)."""
-        end = self.length + k.shape[2]
+    def _check_room(self, num_tokens: int) -> int:
+        end = self.length + num_tokens
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions requested, {self.max_len} allocated")
+        return end
+
+    def begin(self, num_tokens: int) -> None:
+        """Static cache: where this forward's `num_tokens` keys go (called before the layers)."""
+        end = self._check_room(num_tokens)
+        self.write_positions = torch.arange(self.length, end, device=self.keys[0].device)  # (T,)
+
+    def static_mask(self, mask, num_queries: int, sliding_window: Optional[int], device) -> torch.Tensor:
+        """The mask `build_attention_mask` gave for the filled keys widened to all max_len
+        positions: (B|1, 1, T, max_len) bool, False beyond the filled ones. None (plain causal)
+        or a flex BlockMask (a long prompt's window on CUDA) become the dense causal mask."""
+        total = self.length + num_queries
+        if not isinstance(mask, torch.Tensor):
+            q_pos = torch.arange(self.length, total, device=device)[:, None]  # (T, 1)
+            k_pos = torch.arange(total, device=device)[None, :]  # (1, S)
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask = mask & (k_pos > q_pos - sliding_window)
+            mask = mask[None, None]  # (1, 1, T, S)
+        return F.pad(mask, (0, self.max_len - total), value=False)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, KV, T, d) after the filled part; return all keys/values (B, KV, S, d)
+        (static: S = max_len, the unfilled positions masked by the model)."""
+        if self.static:
+            self.keys[layer].index_copy_(2, self.write_positions, k)
+            self.values[layer].index_copy_(2, self.write_positions, v)
+            return self.keys[layer], self.values[layer]
+        end = self._check_room(k.shape[2])
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -263,6 +301,8 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)  # (B, T, (H + 2 KV) d)
             return (*qkv.split([H * d, KV * d, KV * d], dim=-1), False)
         q, k = self.q_proj(x), self.k_proj(x)
+        if torch.compiler.is_compiling():  # no in-place RoPE there (and _is_view() is a private API dynamo breaks on)
+            return q, k, self.v_proj(x), False
         return q, k, self.v_proj(x), not (q._is_view() or k._is_view())
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache]):

@@ -134,10 +134,14 @@ class LoRALinear(FrozenLinear):
         # not autocast itself (the cast is a no-op otherwise).
         lora_b = self.lora_B.weight.to(xa.dtype).t()  # (r, out)
         result_2d, xa_2d = result.reshape(-1, self.out_features), xa.reshape(-1, self.r)  # (N, out), (N, r)
-        if result.is_contiguous() and not result._is_view():
+        if not torch.compiler.is_compiling() and result.is_contiguous() and not result._is_view():
             # in place, no (N, out) temporary: autograd-safe, as the base's backward needs its input
             # and weight, never its output. Not on a view: autograd forbids modifying a view that a
             # custom Function returned (the NF4 base's output, with a bias and a 3-D input, is one).
+            # Not under torch.compile: the compiler plans its own buffers (the out-of-place addmm
+            # costs nothing there), and Tensor._is_view() is a private API it cannot trace: it broke
+            # the graph between `result` and this addmm_, handing the next graph two aliased inputs
+            # one of which it mutated, which inductor failed on (issue 20).
             result_2d.addmm_(xa_2d, lora_b, alpha=self.scaling)
             return result
         return torch.addmm(result_2d, xa_2d, lora_b, alpha=self.scaling).view(result.shape)

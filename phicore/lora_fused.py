@@ -15,6 +15,8 @@ import torch
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type == "meta":  # the memory planner's shape-only trace (phicore/memory_plan.py): no autocast
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 

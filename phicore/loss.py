@@ -168,14 +168,17 @@ def next_token_loss_sum(
 
     hidden (B, T, D), labels (B, T) aligned with the inputs (unshifted, `ignore_index` where no
     loss is taken): position t predicts labels[:, t + 1]. Only positions with a real target
-    reach the head, so prompt and padding tokens cost no vocabulary matmul at all. A plain
+    reach the head, so prompt and padding tokens cost no vocabulary matmul at all (eagerly: under
+    torch.compile every position does, ignored ones adding 0, since a data-dependent number of
+    rows would break the graph and recompile for every count; the sum is the same). A plain
     nn.Linear head goes through the chunked fused loss; any other head (quantised, adapted)
     through its own forward and the plain loss.
     """
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), D): position t predicts t+1
     targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    keep = (targets != ignore_index).nonzero().squeeze(1)  # (n,)
-    hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)  # (n, D), (n,)
+    if not torch.compiler.is_compiling():  # n depends on the data: under torch.compile every row stays
+        keep = (targets != ignore_index).nonzero().squeeze(1)  # (n,)
+        hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)  # (n, D), (n,)
     if type(head) is nn.Linear:
         return fused_linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, ignore_index, chunk_size)
     logits = head(hidden).float()  # (n, V)

@@ -18,6 +18,8 @@ from .config import ModelConfig
 from .layers import Attention, KVCache, RotaryEmbedding, build_attention_mask, make_mlp, make_norm
 from .loss import next_token_loss_sum
 
+STATIC_CACHE_BLOCK = 256  # a static KV cache's length is a multiple of this (new_cache)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -72,6 +74,9 @@ class PhiForCausalLM(nn.Module):
         # With gradient_checkpointing: keep each layer's saved input in (pinned) CPU memory
         # instead of on the device until backward (phicore/offload.py); saves N x D per layer.
         self.checkpoint_offload = False
+        # phicore.compile.compile_model sets this: the compiled decoder_stack, called in its place
+        self.compiled_stack = None
+        self.compile_mode = None
         if config.tie_word_embeddings:
             self.tie_weights()
 
@@ -121,13 +126,30 @@ class PhiForCausalLM(nn.Module):
         dropout = self.config.attention_dropout if self.training else 0.0
         mask = build_attention_mask(attention_mask, T, past_len, self.config.sliding_window, h.device,
                                     document_ids, dropout)  # one mask (bool, BlockMask or None) for every layer
+        if cache is not None and cache.static:  # every preallocated position attended, under a mask
+            mask = cache.static_mask(mask, T, self.config.sliding_window, h.device)  # (B|1, 1, T, max_len) bool
+            cache.begin(T)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        offloader = None
         if checkpointing and self.checkpoint_offload:
             # Imported here, where it is used: phicore.offload imports torch._dynamo (through its
             # torch.compiler.disable), about a second of start-up that only this mode needs.
             from .offload import ActivationOffloader
-            offloader = ActivationOffloader(h.device)
+            # always eager (phicore/offload.py), so the compiled stack is not used here
+            h = self.decoder_stack(h, cos, sin, mask, cache, offloader=ActivationOffloader(h.device))
+        else:
+            stack = self.compiled_stack if self.compiled_stack is not None else self.decoder_stack
+            h = stack(h, cos, sin, mask, cache, checkpointing)
+        if cache is not None:
+            cache.advance(T)
+        return h
+
+    def decoder_stack(self, h, cos, sin, mask, cache: Optional[KVCache] = None, checkpointing: bool = False,
+                      offloader=None) -> torch.Tensor:
+        """h (B, T, D) through every decoder layer, then the final norm -> (B, T, D).
+
+        The part of the model that phicore.compile compiles (`compiled_stack`): everything in it
+        has static control flow; the masks, rotary tables and loss around it are computed eagerly.
+        checkpointing: torch.utils.checkpoint per layer; offloader: phicore.offload's instead."""
         for layer in self.model.layers:
             if offloader is not None:
                 h = offloader.checkpoint(layer, h, cos, sin, mask, cache)
@@ -135,14 +157,17 @@ class PhiForCausalLM(nn.Module):
                 h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache)
-        if cache is not None:
-            cache.advance(T)
         return self.model.final_norm(h)
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """A KV cache in the model's dtype and device for `max_len` positions."""
+    def new_cache(self, batch_size: int, max_len: int, static: Optional[bool] = None) -> KVCache:
+        """A KV cache in the model's dtype and device for `max_len` positions. static (default:
+        whether the stack is compiled): attention reads all `max_len` positions under a mask, so
+        every decode step has the same shapes (layers.KVCache)."""
         weight = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, weight.dtype, weight.device)
+        static = self.compiled_stack is not None if static is None else static
+        if static:  # rounded up, so other prompt lengths and --max-new-tokens reuse the compiled decode step
+            max_len = -(-max_len // STATIC_CACHE_BLOCK) * STATIC_CACHE_BLOCK
+        return KVCache(self.config, batch_size, max_len, weight.dtype, weight.device, static=static)
 
     @property
     def device(self) -> torch.device:

@@ -32,6 +32,7 @@ class RunRecord:
     config: dict = field(default_factory=dict)  # the RunConfig's settings (RunConfig.to_dict())
     world_size: int = 1  # data-parallel processes that trained it
     data_cache: Optional[str] = None  # the tokenised dataset's cache entry
+    data_sources: Optional[dict] = None  # hub datasets / selections: id, revision, split, files' sha256, filters
     result: Optional[dict] = None  # steps, final_loss, best_val_loss, seconds, tokens, peak_memory_bytes, ...
 
     @property
@@ -57,7 +58,8 @@ class RunRecord:
         if not isinstance(data, dict):
             raise RecordError(f"{path}: expected a JSON object")
         expected = {"base_model": str, "prompt_template": (str, type(None)), "quantization": (dict, type(None)),
-                    "config": dict, "world_size": int, "data_cache": (str, type(None)), "result": (dict, type(None))}
+                    "config": dict, "world_size": int, "data_cache": (str, type(None)), "result": (dict, type(None)),
+                    "data_sources": (dict, type(None))}
         values = {}
         for key, kind in expected.items():
             if key in data:

@@ -92,6 +92,7 @@ class Setting:
     saved: bool = True  # written to the run's config (False: about one invocation only)
     resumable: str = "same"  # on resume: "same" (must not change), "free" (may change), "schedule" (see RunConfig)
     metavar: Optional[str] = None
+    words: tuple = ()  # words a number setting also takes, e.g. "auto" for --batch-size
 
     @property
     def flag(self) -> str:
@@ -100,11 +101,12 @@ class Setting:
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, section: str, range: Optional[str] = None,
             choices: Sequence = (), aliases: Sequence[str] = (), switches: Optional[dict] = None,
-            many: bool = False, saved: bool = True, resumable: str = "same", metavar: Optional[str] = None):
+            many: bool = False, saved: bool = True, resumable: str = "same", metavar: Optional[str] = None,
+            words: Sequence[str] = ()):
     """A dataclass field declaring one setting (see `Setting`)."""
     spec = dict(help=help, section=section, range=Interval.parse(range) if range else None, choices=tuple(choices),
                 aliases=tuple(aliases), switches=tuple((switches or {}).items()), many=many, saved=saved,
-                resumable=resumable, metavar=metavar)
+                resumable=resumable, metavar=metavar, words=tuple(words))
     return dataclasses.field(default=default, metadata={"setting": spec})
 
 
@@ -134,6 +136,8 @@ def check_value(spec: Setting, value: Any) -> Any:
         if spec.optional:
             return None
         refuse("needs a value")
+    if isinstance(value, str) and value in spec.words:
+        return value
     if spec.many and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     if spec.kind is bool:
@@ -141,7 +145,7 @@ def check_value(spec: Setting, value: Any) -> Any:
             refuse("must be true or false")
     elif spec.kind is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-            refuse("must be a whole number")
+            refuse("must be a whole number" + "".join(f" or {word}" for word in spec.words))
         value = int(value)
     elif spec.kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -187,6 +191,12 @@ def _help_text(spec: Setting) -> str:
 
 def _cli_type(spec: Setting):
     """argparse's converter: a bad word fails as 'invalid int value' naming the flag."""
+    if spec.words:
+        def number_or_word(text: str):
+            return text if text in spec.words else _cli_type(dataclasses.replace(spec, words=()))(text)
+
+        number_or_word.__name__ = f"{spec.kind.__name__} or {'/'.join(spec.words)}"  # argparse names it on error
+        return number_or_word
     if spec.kind is int:
         return int
     if spec.kind is float:
@@ -229,7 +239,8 @@ def build_parser(classes, *, prog: Optional[str] = None, description: str = "", 
             group.add_argument(*names, dest=spec.name, action=argparse.BooleanOptionalAction, help=_help_text(spec))
         else:
             group.add_argument(*names, dest=spec.name, type=_cli_type(spec), help=_help_text(spec),
-                               nargs="+" if spec.many else None, metavar=_metavar(spec))
+                               nargs="+" if spec.many else None, metavar=_metavar(spec),
+                               **({"action": "extend"} if spec.many else {}))  # a list flag may be repeated
         for flag, value in spec.switches:
             group.add_argument(flag, dest=spec.name, action="store_const", const=value,
                                help=f"same as {spec.flag} {value}")

@@ -214,16 +214,20 @@ def test_layer_inputs_leave_and_are_fetched_back(monkeypatch):
 def test_offload_inside_a_compiled_model_replays_dropout():
     """model.compile() (train.py --compile): the offloaded layers stay eager (torch.compiler.disable),
     so the forward's dropout draws are the recompute's. Compiled, the forward would draw from
-    inductor's RNG and the recompute from eager's: a different loss (measured 0.47 apart here).
-    Within 1e-5 of the eager model (the compiled final norm and loss reorder fp32 sums)."""
+    inductor's RNG and the recompute from eager's: a different loss (measured 0.47 apart here, 3e-3
+    relative, and unrelated gradients).
+
+    Compared relatively, within 1e-5 (loss, and each gradient in norm): the compiled final norm and
+    loss reorder fp32 sums, and how they round depends on inductor's version (its CPU reductions,
+    vectorisation and FMA contraction). An absolute 1e-5 was below one ulp of the summed loss
+    (~170, ulp 1.5e-5) and a few ulps of the largest gradients: it passed under torch 2.13 by the
+    luck of the rounding and failed under 2.11, without any change in the dropout replay it checks."""
     model = _tiny("phi-2", embd_pdrop=0.0)  # no dropout outside the layers, where compiled RNG would differ
     ids = _ids()
     eager_loss, eager_grads = _step(model, "offload", ids)
     model.compile()
     loss, grads = _step(model, "offload", ids)
-    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=1e-5)
-    for name in grads:
-        torch.testing.assert_close(grads[name], eager_grads[name], rtol=0, atol=1e-5, msg=name)
+    _assert_close_norms(loss, grads, eager_loss, eager_grads, 1e-5)
 
 
 def test_offload_refuses_a_kv_cache():

@@ -7,6 +7,8 @@
     batch_plan.BatchPlan(examples, batch_size, pad_id, seed=..., pack=...).batches(epoch, start)
         (each batch padded into tensors by collate.py)
     cache.open_or_build(path, tok, fmt, ...)    -> the tokenised examples, memory-mapped
+    hub_data.data_sources("ORG/NAME", ...)      -> selection.DataSelection (a hub dataset's split:
+        files, --data-filter, --data-limit), which open_or_build takes in place of a path
 
 Nothing here knows about models. Names are re-exported for convenience.
 """

@@ -18,11 +18,14 @@ The key covers everything the tokens depend on: the data file's bytes (sha256), 
 tokenizer (its full serialised vocabulary, merges, normaliser and post-processor, special
 tokens and chat template), the prompt format, `max_length`, `train_on_prompt`, a forced
 record format, the field mapping (`--prompt-field`/`--response-field`/`--text-field`) and the
-cache version (raised when the layout, or what reading a file yields, changes). Change any of
-them and the run tokenises afresh into a new folder. A folder is written under a temporary
-name and renamed when complete; two processes racing to write the same entry both succeed, one
-rename wins. A data file that cannot be read (missing, a folder, a symbolic link loop) is a
-one-line `DataError`; a huge row is cut to what `max_length` can use before it reaches a worker.
+cache version (raised when the layout, or what reading a file yields, changes); for a
+`DataSelection` (a hub dataset's split, a filtered or limited file) its digest stands in for
+the file's sha256: every file's sha256, the dataset id, revision, config and split, the row
+filters and the limit. Change any of them and the run tokenises afresh into a new folder. A
+folder is written under a temporary name and renamed when complete; two processes racing to
+write the same entry both succeed, one rename wins. A data file that cannot be read (missing,
+a folder, a symbolic link loop) is a one-line `DataError`; a huge row is cut to what
+`max_length` can use before it reaches a worker.
 
 CACHE_DIR: `--data-cache`, else `$PHICORE_CACHE_DIR`, else `$XDG_CACHE_HOME/phicore/datasets`
 (`~/.cache/phicore/datasets`).
@@ -50,6 +53,7 @@ from tqdm.auto import tqdm
 from .files import file_error, iter_conversations
 from .formats import Conversation, FieldMap
 from .prompts import PromptFormat
+from .selection import DataSelection
 from .tokenization import (IGNORE_INDEX, Example, TokenizeStats, bound_conversation, bos_ids, field_char_limit,
                            max_token_chars, tokenize_conversation)
 
@@ -104,14 +108,23 @@ def prompt_format_fingerprint(fmt: PromptFormat) -> str:
     return json.dumps({"class": type(fmt).__name__, **plain}, sort_keys=True, default=str)
 
 
+def data_name(data) -> str:
+    """How messages name the data: a file's path, or a `DataSelection`'s name."""
+    return data.name if isinstance(data, DataSelection) else str(data)
+
+
 def cache_key(data_path, tokenizer, prompt_format: PromptFormat, *, max_length: int, train_on_prompt: bool,
               record_format: Optional[str] = None, fields: Optional[FieldMap] = None) -> dict:
     """The parts of the key (hashing the data file reads it once, in blocks; a file that
-    cannot be read is a `DataError`)."""
-    try:
-        data_sha256 = file_sha256(data_path)
-    except OSError as e:
-        raise file_error(str(data_path), e) from None
+    cannot be read is a `DataError`). `data_path` may be a `DataSelection` (several files, row
+    filters, a limit, a hub dataset's identity): its `digest()` stands in for the file's sha256."""
+    if isinstance(data_path, DataSelection):
+        data_sha256 = data_path.digest()
+    else:
+        try:
+            data_sha256 = file_sha256(data_path)
+        except OSError as e:
+            raise file_error(str(data_path), e) from None
     return {
         "version": CACHE_VERSION,
         "data_sha256": data_sha256,
@@ -126,7 +139,8 @@ def cache_key(data_path, tokenizer, prompt_format: PromptFormat, *, max_length: 
 
 def entry_dir(cache_dir, data_path, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(data_path).stem)[:48]
+    name = data_path.stem if isinstance(data_path, DataSelection) else Path(data_path).stem
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:48]
     return Path(cache_dir) / f"{stem}-{digest}"
 
 
@@ -321,14 +335,19 @@ def build_entry(folder: Path, data_path, key: dict, tokenizer, prompt_format: Pr
     global _JOB
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    data_path = Path(data_path)
-    streaming = data_path.suffix.lower() == ".jsonl"
+    selection = data_path if isinstance(data_path, DataSelection) else None
+    data_path = selection.name if selection else Path(data_path)
+    streaming = selection is None and data_path.suffix.lower() == ".jsonl"
     try:
         total = count_lines(data_path) if streaming else None
     except OSError as e:
         raise file_error(str(data_path), e) from None
     if workers is None:  # every core, unless the file is too small to be worth forking for
-        workers = 1 if total is not None and total < MIN_ROWS_FOR_WORKERS else default_workers()
+        small = total is not None and total < MIN_ROWS_FOR_WORKERS
+        if selection is not None:  # rows unknown before reading: judged by the files' size, or the limit
+            small = (selection.limit or MIN_ROWS_FOR_WORKERS) < MIN_ROWS_FOR_WORKERS or \
+                sum(Path(f).stat().st_size for f in selection.files) < MIN_ROWS_FOR_WORKERS * 1024
+        workers = 1 if small else default_workers()
     workers = max(1, workers)
     can_fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform.startswith("linux")
     workers = workers if can_fork else 1
@@ -348,8 +367,9 @@ def build_entry(folder: Path, data_path, key: dict, tokenizer, prompt_format: Pr
             files["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
             bar = tqdm(total=total, desc="tokenising", unit="row", disable=not show_progress, dynamic_ncols=True)
             limit = field_char_limit(max_length, token_chars)  # a huge row is cut before it reaches a worker
-            conversations = (bound_conversation(conv, limit)
-                             for conv in iter_conversations(data_path, record_format, fields))
+            source = selection.conversations(record_format, fields) if selection \
+                else iter_conversations(data_path, record_format, fields)
+            conversations = (bound_conversation(conv, limit) for conv in source)
             for ids, targets, lengths, lines, chunk_stats in _tokenized_chunks(conversations, workers):
                 files["input_ids"].write(ids.tobytes())
                 files["targets"].write(targets.tobytes())
@@ -393,7 +413,7 @@ def open_or_build(data_path, tokenizer, prompt_format: PromptFormat, *, max_leng
     """
     fields = fields or FieldMap()
     if fields:
-        fields.check(str(data_path), record_format)
+        fields.check(data_name(data_path), record_format)
     key = cache_key(data_path, tokenizer, prompt_format, max_length=max_length, train_on_prompt=train_on_prompt,
                     record_format=record_format, fields=fields)
     folder = entry_dir(cache_dir or default_cache_dir(), data_path, key)

@@ -248,6 +248,16 @@ def _is_json_lines(file: Path) -> bool:
                 return not stripped.startswith(b"[")
 
 
+def decode_line(raw: bytes, name: str, lineno: int) -> str:
+    """One line of a JSON Lines file as text (a byte-order mark on the first is dropped), or a
+    DataError naming the file, line and column of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start + 1})") from None
+
+
 def binary_lines(f: BinaryIO, block_size: int = 1 << 20) -> Iterator[bytes]:
     """The lines of a binary file without their ends, which are \\n, \\r\\n or a lone \\r (old
     Mac files), read in blocks: one line at a time is held, however long."""
@@ -297,11 +307,7 @@ def iter_conversations(path: str | Path, format: Optional[str] = None,
         raise file_error(name, e) from None
     with f:
         for lineno, raw in enumerate(binary_lines(f), start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                f"{e.start + 1})") from None
+            line = decode_line(raw, name, lineno)
             del raw
             if not line.strip():
                 continue

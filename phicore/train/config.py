@@ -23,6 +23,7 @@ from ..data import FORMATS
 from ..settings import (SettingsError, build_parser, check, cli_values, from_sources, normalize_argv,
                         read_config_file, setting, settings_of, to_dict)
 from ..weights import DTYPE_NAMES
+from ..compile import COMPILE_MODES
 from .schedule import SCHEDULES
 
 DEFAULT_LR = 2e-4  # real models; the random-weight tiny presets declare their own (phicore.tiny)
@@ -46,9 +47,24 @@ class RunConfig:
                          "local folder", section="model", aliases=("--model_name_or_path",))
 
     # -- data
-    data: Optional[str] = setting(None, "training data file: .jsonl, .json, .csv, .tsv, .xlsx (required)",
-                                  section="data", aliases=("--dataset_path",), metavar="FILE",
+    data: Optional[str] = setting(None, "training data: a file (.jsonl, .json, .csv, .tsv, .xlsx, .parquet, "
+                                  ".jsonl.gz, .json.gz), a Hugging Face hub dataset id ORG/NAME, or a folder holding "
+                                  "a downloaded dataset repository (required; a local path wins over a hub id)",
+                                  section="data", aliases=("--dataset_path",), metavar="FILE|ID",
                                   resumable="free")  # on resume its contents are compared, by sha256
+    data_split: str = setting("train", "the split of a hub dataset or dataset folder to train on; its validation "
+                              "(else test) split, when it has one and no --val-data is given, is the validation "
+                              "set instead of --val-split", section="data", metavar="SPLIT")
+    data_config: Optional[str] = setting(None, "the configuration of a hub dataset that declares several",
+                                         section="data", metavar="NAME")
+    data_revision: Optional[str] = setting(None, "branch, tag or commit of a hub dataset (default: main)",
+                                           section="data", metavar="REV",
+                                           resumable="free")  # the commit it resolves to is compared
+    data_filter: Optional[str] = setting(None, "keep only the rows whose FIELD equals VALUE, before tokenising "
+                                         "(repeatable: all must hold; a.b reaches into nested objects)",
+                                         section="data", many=True, metavar="FIELD=VALUE")
+    data_limit: Optional[int] = setting(None, "use only the first N rows (conversations) left after "
+                                        "--data-filter", section="data", range="[1, inf)")
     format: Optional[str] = setting(None, "force a record format instead of detecting it from the fields",
                                     section="data", choices=FORMATS)
     prompt_field: Optional[str] = setting(None, "the column (CSV/TSV/XLSX) or key (JSON/JSONL records) that holds the "
@@ -62,8 +78,10 @@ class RunConfig:
     template: Optional[str] = setting(None, 'prompt format: "instruct", "chat", or a custom string with {prompt} '
                                       "and {response} (default: the model's chat template, else instruct)",
                                       section="data")
-    val_data: Optional[str] = setting(None, "separate validation file (default: --val-split of the training data)",
-                                      section="data", metavar="FILE", resumable="free")  # contents compared too
+    val_data: Optional[str] = setting(None, "separate validation file, dataset folder or hub dataset id (its "
+                                      "validation, else test, else train split) (default: --val-split of the "
+                                      "training data)", section="data", metavar="FILE|ID",
+                                      resumable="free")  # contents compared too
     val_split: float = setting(0.1, "fraction of the data held out for validation (seeded)", section="data",
                                range="[0, 1)")
     max_length: int = setting(1024, "tokens per example; longer rows are cut", section="data", range="[2, inf)",
@@ -94,10 +112,17 @@ class RunConfig:
     # -- optimisation
     lr: Optional[float] = setting(None, f"peak learning rate (default {DEFAULT_LR}; the tiny presets' own, 2e-3)",
                                   section="optimisation", range="(0, 1]", aliases=("--learning_rate",))
-    batch_size: int = setting(4, "examples per micro-batch (per process under torchrun)", section="optimisation",
-                              range="[1, inf)", aliases=("--per_device_train_batch_size",))
+    batch_size: int = setting(4, "examples per micro-batch (per process under torchrun), or auto: the largest that "
+                              "the memory planner fits in the device's free memory less --memory-margin (on CUDA "
+                              "confirmed by a probe step, stepping down on out-of-memory); a run resumed with "
+                              "auto keeps the batch it chose", section="optimisation", range="[1, inf)",
+                              aliases=("--per_device_train_batch_size",), words=("auto",))  # int, or "auto"
     grad_accum: int = setting(1, "micro-batches per optimizer step", section="optimisation", range="[1, inf)",
                               aliases=("--gradient_accumulation_steps",))
+    effective_batch_size: Optional[int] = setting(None, "rows per optimizer step: --grad-accum becomes this / "
+                                                  "--batch-size (which must divide it; with --batch-size auto, the "
+                                                  "largest fitting divisor), so the training does not depend on the "
+                                                  "machine's memory", section="optimisation", range="[1, inf)")
     weight_decay: float = setting(0.0, "AdamW weight decay", section="optimisation", range="[0, inf)")
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", section="optimisation",
                                    range="[0, inf)")
@@ -150,8 +175,24 @@ class RunConfig:
                                         resumable="free")
     fsdp: bool = setting(False, "under torchrun: shard the frozen base and the adapter across the GPUs with FSDP2 "
                          "(models that do not fit one GPU); not with --quantize", section="device")
-    compile: bool = setting(False, "torch.compile the model", section="device", aliases=("--torch_compile",),
-                            resumable="free")
+    compile: bool = setting(False, "torch.compile the decoder layers (phicore/compile.py), same losses as without "
+                            "(dropout included); the first step compiles (~18 s for a small model on a CPU thread, "
+                            "once more for a new batch length): pays on long runs (CPU training 1.5x faster at the "
+                            "small bench shape), not on a few dozen steps", section="device",
+                            aliases=("--torch_compile",), resumable="free")
+    compile_mode: str = setting("default", "with --compile: torch.compile's mode; reduce-overhead adds CUDA graphs "
+                                "(for GPU steps bound by kernel launches), max-autotune tunes GEMMs (compiles for "
+                                "minutes)", section="device", choices=COMPILE_MODES, resumable="free")
+
+    # -- memory
+    plan: bool = setting(False, "print the memory plan of this run (every term, its formula, the total against the "
+                         "device's free memory) and exit without training", section="memory", saved=False,
+                         resumable="free")
+    device_memory: Optional[float] = setting(None, "plan for this many GiB instead of the device's free memory "
+                                             "(another machine; a limit of your own)", section="memory",
+                                             range="(0, inf)", metavar="GIB", saved=False, resumable="free")
+    memory_margin: float = setting(0.1, "fraction of the memory --batch-size auto and --plan keep free",
+                                   section="memory", range="[0, 1)", resumable="free")
 
     # -- output
     out: str = setting("out", "output folder: adapter, checkpoints, metrics, training_config.json", section="output",
@@ -179,8 +220,24 @@ class RunConfig:
 
     def _check_combinations(self) -> None:
         """Settings that are valid alone but not together."""
-        if self.data is None:
+        if self.data is None and not self.plan:
             raise SettingsError("--data is required (the training data file)", field="data")
+        if self.effective_batch_size is not None:
+            if self.batch_size != "auto" and self.effective_batch_size % self.batch_size:
+                raise SettingsError(f"--effective-batch-size {self.effective_batch_size} is not a multiple of "
+                                    f"--batch-size {self.batch_size}", field="effective_batch_size")
+            implied = None if self.batch_size == "auto" else self.effective_batch_size // self.batch_size
+            if self.grad_accum not in (1, implied):  # a saved config holds the implied one: that agrees
+                raise SettingsError("--effective-batch-size sets --grad-accum (effective / batch size); give one of "
+                                    "them", field="effective_batch_size")
+            if implied is not None:
+                self.grad_accum = implied
+        from ..data.selection import parse_filters
+
+        try:
+            parse_filters(self.data_filter)
+        except ValueError as err:
+            raise SettingsError(str(err), field="data_filter") from None
         if self.device is not None:
             import torch
 

@@ -17,6 +17,8 @@ the model or the data is loaded, so a refusal costs nothing and touches nothing.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -84,7 +86,10 @@ def _same_length(config: RunConfig, saved: dict) -> bool:
 
 
 def _compare(config: RunConfig, saved: dict, where: str) -> list:
-    """Refuse changed settings that alter the training; the notes for the allowed ones."""
+    """Refuse changed settings that alter the training; the notes for the allowed ones.
+    --batch-size auto matches the number the saved run chose (it is reused, not chosen again)."""
+    if config.batch_size == "auto" and isinstance(saved.get("batch_size"), int):
+        config = dataclasses.replace(config, batch_size=saved["batch_size"], grad_accum=int(saved.get("grad_accum", 1)))
     refused, allowed = config.changes_from(saved)
     if refused:
         changes = ", ".join(f"{flag} {old!r} -> {new!r}" for flag, old, new in refused)
@@ -95,12 +100,19 @@ def _compare(config: RunConfig, saved: dict, where: str) -> list:
 
 
 def data_changes(saved: dict, now: dict) -> None:
-    """Refuse a resume whose data files' contents differ from the checkpoint's (sha256)."""
+    """Refuse a resume whose data files' contents differ from the checkpoint's (sha256; for a hub
+    dataset the digest of its files, revision, split, filters and limit, and the revisions are named)."""
     changed = [name for name in ("data_sha256", "val_data_sha256") if name in saved and saved[name] != now.get(name)]
     if changed:
         which = " and ".join("--data" if name == "data_sha256" else "--val-data" for name in changed)
-        raise UsageError(f"--resume: the contents of {which} differ from what the checkpoint trained on; resume with "
-                         "the same data, or start over with --overwrite")
+        before, after = saved.get("data_sources") or {}, now.get("data_sources") or {}
+        moved = "".join(dict.fromkeys(  # once per dataset, though --data and --val-data may share one
+            f" ({after[role]['dataset']} was at revision {before[role]['revision'][:12]}, now "
+            f"{after[role]['revision'][:12]}: pin the old one with --data-revision)" for role in after
+            if role in before and "dataset" in after[role]
+            and before[role].get("revision") != after[role].get("revision")))
+        raise UsageError(f"--resume: the contents of {which} differ from what the checkpoint trained on{moved}; resume "
+                         "with the same data, or start over with --overwrite")
 
 
 def schedule_note(config: RunConfig, state: dict, total_steps: int) -> Optional[str]:

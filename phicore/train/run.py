@@ -41,6 +41,8 @@ from ..tiny import TINY_PRESETS, build_tiny
 from ..tokenizer import load_tokenizer
 from ..weights import check_model_folder, default_device, default_dtype, load_model, parse_dtype
 from .config import RunConfig, UsageError
+from .batch_size import choose_batch
+from .checkpoint import saved_config
 from .distributed import DistContext, DistributedSetupError
 from .loop import total_steps_for, train
 from .output import BASE_NAME, OutputFolder
@@ -123,7 +125,7 @@ def _finetune_in_folder(config: RunConfig, log: Log) -> TrainResult:
                 folder.remove_stale_best()
         run = prepare_run(config, start, dist, say)
         say(run.summary)
-        result = train(run.model, run.train_plan, config, val_plan=run.val_plan, resume_from=start.checkpoint,
+        result = train(run.model, run.train_plan, run.config, val_plan=run.val_plan, resume_from=start.checkpoint,
                        device=run.device, show_progress=not config.quiet, dist=dist, fingerprint=run.fingerprint)
         if result.finished:
             _check_learnt(result)
@@ -184,6 +186,7 @@ class Run:
     dist: DistContext = field(default_factory=DistContext)
     fingerprint: dict = field(default_factory=dict)  # the data files' sha256: compared when resuming
     hub_repo: Optional[str] = None  # --push-to-hub: the model card's snippets load the adapter from there
+    config: Optional[RunConfig] = None  # the run's settings with --batch-size auto resolved to a number
 
     def save_outputs(self, result: TrainResult) -> None:
         """Final adapter (PEFT files), tokenizer files, the model card (README.md) and the run record into OUT/.
@@ -239,6 +242,19 @@ def _cached_examples(path, tokenizer, prompt_format, config: RunConfig, dist: Di
     return examples
 
 
+def _data_sources(config: RunConfig):
+    """--data / --val-data resolved (phicore.data.hub_data): files, dataset folders, hub datasets."""
+    from ..data.hub_data import data_sources
+    from ..data.selection import parse_filters
+
+    try:
+        return data_sources(config.data, config.val_data, split=config.data_split, config=config.data_config,
+                            revision=config.data_revision, filters=parse_filters(config.data_filter),
+                            limit=config.data_limit)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+
+
 def _prepare_run(config: RunConfig, start: StartPoint, dist: DistContext, log: Log) -> Run:
     out_dir = Path(config.out)
     try:
@@ -263,12 +279,15 @@ def _prepare_run(config: RunConfig, start: StartPoint, dist: DistContext, log: L
     except ValueError as err:  # a bad --template, or the model's own chat template failing (named in err)
         raise UsageError(f"--template: {err}" if config.template else str(err)) from None
 
-    full = _cached_examples(config.data, tokenizer, prompt_format, config, dist, log)
-    lines = [f"data: {config.data}: {full.stats.summary()}"]
-    if config.val_data:
-        val_examples = _cached_examples(config.val_data, tokenizer, prompt_format, config, dist, log)
+    sources = _data_sources(config)  # a hub dataset's split, a dataset folder, or the files as given
+    for note in sources.notes:  # what a hub id resolved to, before any tokenising
+        log(note)
+    full = _cached_examples(sources.train, tokenizer, prompt_format, config, dist, log)
+    lines = [f"data: {sources.name(sources.train)}: {full.stats.summary()}"]
+    if sources.validation is not None:
+        val_examples = _cached_examples(sources.validation, tokenizer, prompt_format, config, dist, log)
         examples = full
-        lines.append(f"validation: {config.val_data}: {val_examples.stats.summary()}")
+        lines.append(f"validation: {sources.name(sources.validation)}: {val_examples.stats.summary()}")
     else:
         train_index, val_index = split_indices(len(full), config.val_split if len(full) > 1 else 0, config.seed)
         examples = full.subset(train_index) if len(val_index) else full
@@ -277,11 +296,16 @@ def _prepare_run(config: RunConfig, start: StartPoint, dist: DistContext, log: L
     if not len(examples):
         raise UsageError(f"{config.data}: no training examples left after tokenising (all cut or empty)")
     fingerprint = {"data_sha256": full.meta["key"]["data_sha256"],
-                   "val_data_sha256": val_examples.meta["key"]["data_sha256"] if config.val_data else None}
+                   "val_data_sha256": val_examples.meta["key"]["data_sha256"] if sources.validation is not None else None}
+    if sources.describe():  # what a hub id resolved to (revision, files, sha256s), kept with the checkpoints
+        fingerprint["data_sources"] = sources.describe()
     if start.checkpoint is not None:
         data_changes(start.saved_state.get("fingerprint", {}), fingerprint)
 
     model = _build_model(config, base, device, dist)
+    seq_len = config.max_length if config.pack else int(min(config.max_length, examples.lengths.max()))
+    config = choose_batch(config, model.config, device, seq_len, len(examples) // dist.world_size or 1, log,
+                          model=model, saved=saved_config(start.checkpoint) if start.checkpoint else None)
     pad_id = tokenizer.pad_token_id
     shard = {"rank": dist.rank, "world_size": dist.world_size}
     train_plan = BatchPlan(examples, config.batch_size, pad_id, seed=config.seed, pack=config.pack,
@@ -313,9 +337,9 @@ def _prepare_run(config: RunConfig, start: StartPoint, dist: DistContext, log: L
                         "compute_dtype": str(compute).replace("torch.", "")}
     record = RunRecord(base_model=model.config.source_dir or base, prompt_template=config.template or prompt_format.name,
                        quantization=quantization, config=config.to_dict(), world_size=dist.world_size,
-                       data_cache=str(full.folder))
+                       data_cache=str(full.folder), data_sources=sources.describe() or None)
     return Run(model, tokenizer, train_plan, val_plan, start.checkpoint, device, out_dir, record, "\n".join(lines),
-               dist, fingerprint, hub_repo=config.push_to_hub)
+               dist, fingerprint, hub_repo=config.push_to_hub, config=config)
 
 
 def _build_model(config: RunConfig, base: str, device: torch.device, dist: DistContext):
@@ -346,6 +370,8 @@ def _build_model(config: RunConfig, base: str, device: torch.device, dist: DistC
         model = build(device)
     model.gradient_checkpointing = config.grad_checkpointing
     model.checkpoint_offload = config.offload_checkpoints
-    if config.compile:
-        model.compile()
+    if config.compile:  # the decoder stack, compiled on the first step (phicore/compile.py)
+        from ..compile import compile_model
+
+        compile_model(model, mode=config.compile_mode)
     return model
