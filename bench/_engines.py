@@ -131,6 +131,8 @@ PHICORE_OPTIONS = {
     "offload-checkpoints": ("gradient-checkpointed layer inputs kept in (pinned) CPU memory", _offload_checkpoints),
     "compile": ("torch.compile of the decoder layers (phicore.compile; the warm-up steps compile, "
                 "warmup_step_s records them)", _compile),
+    "nf4-decode": ("generation from the NF4 base, not dequantised once (infer.py --dense-base no; the CPU/MPS "
+                   "default dequantises when it fits)", None),
     "sdpa-attention": ("windowed or packed rows through SDPA's dense mask, not flex_attention", _sdpa_attention),
     **{f"torch-{op.replace('_', '-')}": (f"{op} through PyTorch, not its Triton kernel", _torch_op(op))
        for op in ("nf4", "rms_norm", "layer_norm", "rope", "swiglu", "gelu_tanh")},
@@ -173,7 +175,13 @@ class PhicoreEngine(Engine):
         return loss_sum(self.model, batch) / max(batch.num_target_tokens, 1)
 
     def generate(self, prompt: list, new_tokens: int) -> int:
+        from phicore.frozen_linear import FrozenLinear
         from phicore.generate import generate
+
+        if self.quantize and self.device.type != "cuda" and "nf4-decode" not in self.options:
+            for module in self.model.modules():  # as infer.py's --dense-base auto on CPU/MPS
+                if isinstance(module, FrozenLinear):
+                    module.dequantize_()
 
         return len(generate(self.model, prompt, max_new_tokens=new_tokens, temperature=0.0))
 

@@ -120,6 +120,17 @@ class FrozenLinear(nn.Module):
             return dequantize_nf4(self.weight, self.quant_state, self.compute_dtype)
         return self.weight
 
+    def dequantize_(self) -> None:
+        """Hold W dense from now on: dequantised once into compute_dtype, the NF4 bytes and state
+        dropped. The same numbers every NF4 forward computes with; costs the dense weight's memory
+        and saves a dequantise per call (infer.py --dense-base on CPU/MPS)."""
+        if not self.is_nf4:
+            return
+        self.weight = nn.Parameter(self.dense_weight(), requires_grad=False)  # (out, in)
+        for name in _STATE_BUFFERS:
+            self._buffers[name] = None
+        self.compute_dtype = self.blocksize = self.quant_dtype = self.offset = None
+
     def set_quantized(self, packed: torch.Tensor, state: NF4State, bias: Optional[torch.Tensor] = None) -> None:
         """Take `packed`/`state` (and `bias`, when given) as this layer's frozen weight (no copy)."""
         if tuple(state.shape) != (self.out_features, self.in_features):

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -355,3 +356,27 @@ def test_bad_adapters_exit_2_with_one_line(runs, tmp_path, other_phi3, capsys):
     rc, out = run_infer("--adapter", other, "--prompt", "hi")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "PREFIX_TUNING" in err[0]
+
+
+# ----------------------------------------------------------------------------- NF4 base held dense
+def test_dense_base_decodes_the_same_tokens_as_nf4(runs, tmp_path):
+    """--dense-base (the default on CPU when it fits): an NF4 base dequantised once gives the
+    logits of the NF4 path (the same weights: the 4-bit path dequantises them on every call) and
+    the same greedy answer."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _pairs(24)), encoding="utf-8")
+    out = tmp_path / "qlora"
+    assert train.main(["--model", "tiny-phi-3", "--data", str(data), "--out", str(out), "--max-steps", "8",
+                       "--quantize", "nf4", "--max-length", "48", "--lr", "1e-2", "--val-split", "0",
+                       "--quiet"]) == 0
+    nf4, dense = load_session(out, device="cpu"), load_session(out, device="cpu", dense=True)
+    ids = torch.tensor([nf4.tokenizer.encode("3 plus 3?")])
+    with torch.no_grad():
+        torch.testing.assert_close(dense.model(ids), nf4.model(ids), rtol=0, atol=1e-5)
+    answers = {}
+    for choice in ("auto", "no"):
+        code, text = run_infer("--adapter", out, "--prompt", "3 plus 3?", "--max-new-tokens", 12, "--no-stream",
+                               "--dense-base", choice, "--device", "cpu")
+        assert code == 0
+        answers[choice] = text
+    assert answers["auto"] == answers["no"]
