@@ -117,10 +117,12 @@ def _offload_checkpoints(engine):
     engine.model.checkpoint_offload = True
 
 
-def _compile(engine):
-    from phicore.compile import compile_model
+def _compile(mode: str):
+    def apply(engine):
+        from phicore.compile import compile_model
 
-    compile_model(engine.model)
+        compile_model(engine.model, mode=mode)
+    return apply
 
 
 # --phicore-option NAME: each turns one issue-7 change off (or an optional one on), so a run
@@ -130,7 +132,9 @@ PHICORE_OPTIONS = {
     "unfused-lora": ("LoRA through the reference path, not the fused autograd node", _unfused_lora),
     "offload-checkpoints": ("gradient-checkpointed layer inputs kept in (pinned) CPU memory", _offload_checkpoints),
     "compile": ("torch.compile of the decoder layers (phicore.compile; the warm-up steps compile, "
-                "warmup_step_s records them)", _compile),
+                "warmup_step_s records them)", _compile("default")),
+    "compile-cudagraphs": ("torch.compile with mode reduce-overhead: CUDA graphs replay each layer's kernels "
+                           "(for steps bound by kernel launches, as measured on the H200)", _compile("reduce-overhead")),
     "nf4-decode": ("generation from the NF4 base, not dequantised once (infer.py --dense-base no; the CPU/MPS "
                    "default dequantises when it fits)", None),
     "sdpa-attention": ("windowed or packed rows through SDPA's dense mask, not flex_attention", _sdpa_attention),

@@ -11,10 +11,13 @@
 #              (--phicore-option; bench/NOTES.md gives each change's prediction); the options
 #              given after the part, or all of them (two commands' worth: split them)
 #   profile-3  phicore-qlora and hf-qlora on Phi-3-mini-4k with --profile (what still costs time)
+#   compile-3  phicore-qlora on Phi-3-mini-4k: eager, --compile, and --compile with CUDA graphs
+#              (the H200 steps were host-bound: 111 ms of GPU work in a 263-340 ms step)
 #
 # Done so far (bench/results/cuda-h200-2026-11-26-*, bench/NOTES.md "Measured on a GPU"): every part
-# once, on an H200. Next lease: check (the fixed RoPE path), then phi-3, then the ablations not yet
-# measured (unfused-lora torch-rms-norm torch-rope sdpa-attention), each after the fixes NOTES names.
+# once, on an H200. Next lease: check (the fixed RoPE path, the compiled stack), compile-3 (CUDA
+# graphs against the host-bound steps), then phi-3, then the ablations not yet measured
+# (unfused-lora torch-rms-norm torch-rope sdpa-attention).
 #
 # Results go to $OUT (the device tool's return folder; bench/results/ when unset). hf-qlora needs bitsandbytes, which the device
 # image lacks: carry a wheel in .whl/ (ignored by git); this script installs it when present:
@@ -22,7 +25,7 @@
 #     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?part: check | phi-3 | phi-2 | ablate-3 | profile-3}"
+part="${1:?part: check | phi-3 | phi-2 | ablate-3 | profile-3 | compile-3}"
 shift
 out="${OUT:-bench/results}"
 mkdir -p "$out"
@@ -41,7 +44,8 @@ case "$part" in
     python3 -c "import bitsandbytes, transformers, peft; print('bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$out/gpu.txt" || true
     # every failure listed (no -x), and the kernel bench still runs after a failing test
     python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_fused_kernels.py tests/test_nf4_kernels.py \
-      tests/test_lora_fused.py tests/test_loss.py $(ls tests/test_nf4_gemv.py tests/test_offload.py tests/test_flex_attention.py 2>/dev/null) \
+      tests/test_lora_fused.py tests/test_loss.py tests/test_offload.py tests/test_flex_attention.py \
+      tests/test_nf4_gemv.py "tests/test_compile.py::test_cuda_compiled_training_matches_eager" \
       2>&1 | tee "$out/gpu-tests.txt" | tail -40 || true
     python3 bench/kernels.py --device cuda --json "$out/kernels-cuda.json" | tail -30
     ;;
@@ -66,5 +70,13 @@ case "$part" in
       --new-tokens 0 --engines phicore-qlora,hf-qlora --profile \
       --keep-checkpoint "$ckpt-phi-3-mini-4k" --json "$out/cuda-phi-3-mini-4k-profile.json"
     ;;
-  *) echo "unknown part: $part (check | phi-3 | phi-2 | ablate-3 | profile-3)" >&2; exit 2 ;;
+  compile-3)
+    for option in none compile compile-cudagraphs; do
+      flag=(--phicore-option "$option"); [ "$option" = none ] && flag=()
+      python3 bench/throughput.py --shape phi-3-mini-4k --device cuda --seq-len 2048 --batch-size 1 --steps 6 --warmup 5 \
+        --new-tokens 32 --gen-repeats 2 --peak-size 0 --engines phicore-qlora "${flag[@]}" \
+        --keep-checkpoint "$ckpt-phi-3-mini-4k" --json "$out/compile-$option.json" 2>&1 | tail -4
+    done
+    ;;
+  *) echo "unknown part: $part (check | phi-3 | phi-2 | ablate-3 | profile-3 | compile-3)" >&2; exit 2 ;;
 esac

@@ -130,7 +130,7 @@ def choose_batch(config: RunConfig, model_config: ModelConfig, device: torch.dev
     batch = candidates[0]
     accum = config.effective_batch_size // batch if config.effective_batch_size else config.grad_accum
     peak = _plan(config, model_config, device, batch, seq_len, fixed).peak_bytes
-    log(f"--batch-size auto: {batch} rows of up to {seq_len} tokens x {accum} micro-batches (planned peak "
+    log(f"--batch-size auto: {batch} rows of up to {seq_len} tokens x {accum} micro-batches (planned tensors "
         f"{peak / 2**30:.2f} GiB of {budget.describe()})")
     return dataclasses.replace(config, batch_size=batch, grad_accum=accum)
 
