@@ -46,6 +46,7 @@ case "$part" in
     python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_fused_kernels.py tests/test_nf4_kernels.py \
       tests/test_lora_fused.py tests/test_loss.py tests/test_offload.py tests/test_flex_attention.py \
       tests/test_nf4_gemv.py "tests/test_compile.py::test_cuda_compiled_training_matches_eager" \
+      "tests/test_memory_plan.py::test_cuda_batch_size_auto_probes_and_trains" \
       2>&1 | tee "$out/gpu-tests.txt" | tail -40 || true
     python3 bench/kernels.py --device cuda --json "$out/kernels-cuda.json" | tail -30
     ;;

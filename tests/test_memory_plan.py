@@ -215,3 +215,42 @@ def test_infer_plan_prints_generation_terms(data, tmp_path):
     for term in ("base weights", "LoRA", "KV cache", "prefill buffers", "peak", "available"):
         assert term in printed, term
     assert "64 tokens after" in printed
+
+
+def test_probe_steps_down_on_out_of_memory_and_keeps_the_rng():
+    """The CUDA probe's logic, with a model that runs out of memory above 2 rows: the batches
+    that failed are dropped, the first that ran and the smaller ones stay, and the random state
+    the run will draw its dropout from is as before the probe."""
+    from phicore.train.batch_size import _probe
+    from phicore.train.config import RunConfig
+
+    model = PhiForCausalLM(ModelConfig.from_dict(shape_config("tiny")))
+    apply_lora(model, r=2, alpha=4, dropout=0.1)
+    real_forward = model.forward
+
+    def forward(ids, **kwargs):
+        if ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
+        return real_forward(ids, **kwargs)
+
+    model.forward = forward
+    config = RunConfig(model="tiny-phi-3", data="x.jsonl", batch_size="auto")
+    notes = []
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    kept = _probe(model, [8, 4, 2, 1], 16, torch.device("cpu"), config, notes.append)
+    assert kept == [2, 1]
+    assert len(notes) == 2 and "8 rows ran out of memory" in notes[0]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batch_size_auto_probes_and_trains(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main(*COMMON, "--data", data, "--batch-size", "auto", "--effective-batch-size", 8, "--device", "cuda",
+                    "--quantize", "nf4", "--out", out) == 0
+    assert "--batch-size auto: 8 rows" in capsys.readouterr().out
+    saved = json.loads((out / "training_config.json").read_text())["config"]
+    assert (saved["batch_size"], saved["grad_accum"]) == (8, 1)

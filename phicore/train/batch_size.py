@@ -161,7 +161,8 @@ def _probe(model, candidates: list, seq_len: int, device: torch.device, config: 
     """Drop the candidates (largest first) whose one forward + backward runs out of CUDA memory;
     the first that runs is kept, with every smaller one after it."""
     autocast, _ = autocast_for(device, config.precision)
-    cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     was_training = model.training
     model.train()
     try:
@@ -177,9 +178,11 @@ def _probe(model, candidates: list, seq_len: int, device: torch.device, config: 
             finally:
                 loss = ids = None
                 model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         return []
     finally:
         torch.set_rng_state(cpu_rng)
-        torch.cuda.set_rng_state(cuda_rng, device)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
         model.train(was_training)
