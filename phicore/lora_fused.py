@@ -14,6 +14,12 @@ from typing import Optional
 import torch
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor in dtype; no dispatcher call when it already is (a no-op .to() still costs a few
+    microseconds of host time, and a training step makes hundreds of these on a GPU that waits)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type == "meta":  # the memory planner's shape-only trace (phicore/memory_plan.py): no autocast
         return None
@@ -53,13 +59,13 @@ class LoRALinearFunction(torch.autograd.Function):
         autocast = _autocast_dtype(x.device.type)
         result = layer.base_forward(x)  # (..., out)
         lora_dtype = autocast or lora_a.dtype
-        a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
+        a, b = _cast(lora_a, lora_dtype), _cast(lora_b, lora_dtype)
         x_lora = x.reshape(-1, x.shape[-1])  # (N, in)
         mask = None
         if dropout_p > 0:  # in the adapter's dtype, as the reference path drops out
-            x_lora, mask = torch.native_dropout(x_lora.to(lora_a.dtype), dropout_p, True)  # F.dropout's draws
-        x_lora = x_lora.to(lora_dtype)  # (N, in): what multiplies A (a direct cast rounds as two would)
-        xa = x_lora @ a.t()  # (N, r)
+            x_lora, mask = torch.native_dropout(_cast(x_lora, lora_a.dtype), dropout_p, True)  # F.dropout's draws
+        x_lora = _cast(x_lora, lora_dtype)  # (N, in): what multiplies A (a direct cast rounds as two would)
+        xa = torch.mm(x_lora, a.t())  # (N, r)
         result_2d = result.reshape(-1, out_features)  # (N, out): a view when result is contiguous
         if result_2d.dtype == lora_dtype:
             result_2d.addmm_(xa, b.t(), alpha=scaling)
@@ -83,23 +89,23 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         s = ctx.scaling
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
-        g_lora = g.to(a.dtype)
+        g_lora = _cast(g, a.dtype)
         grad_x = grad_a = grad_b = None
         if need_b:
-            grad_b = (g_lora.t() @ xa).mul_(s).to(ctx.lora_b_dtype)  # (out, r)
-        gs = (g_lora @ b).mul_(s)  # (N, r)
+            grad_b = _cast(torch.mm(g_lora.t(), xa).mul_(s), ctx.lora_b_dtype)  # (out, r)
+        gs = torch.mm(g_lora, b).mul_(s)  # (N, r)
         if need_a:
             if ctx.saved_lora_input:
                 xd = x  # (N, in), dropped out and cast in forward
             else:
-                xd = x.reshape(-1, x.shape[-1]).to(ctx.lora_a_dtype)  # (N, in)
+                xd = _cast(x.reshape(-1, x.shape[-1]), ctx.lora_a_dtype)  # (N, in)
                 if mask is not None:
                     xd = xd * mask * (1.0 / (1.0 - ctx.dropout_p))
-            grad_a = (gs.t() @ xd.to(a.dtype)).to(ctx.lora_a_dtype)  # (r, in)
+            grad_a = _cast(torch.mm(gs.t(), _cast(xd, a.dtype)), ctx.lora_a_dtype)  # (r, in)
             del xd
         if need_x:
-            weight = ctx.layer.dense_weight().to(ctx.base_dtype)  # (out, in), dequantised here for NF4
-            grad_x = g.to(ctx.base_dtype) @ weight  # (N, in)
+            weight = _cast(ctx.layer.dense_weight(), ctx.base_dtype)  # (out, in), dequantised here for NF4
+            grad_x = torch.mm(_cast(g, ctx.base_dtype), weight)  # (N, in)
             del weight
             if mask is None and grad_x.dtype == a.dtype == ctx.x_dtype:
                 grad_x.addmm_(gs, a)
@@ -107,6 +113,6 @@ class LoRALinearFunction(torch.autograd.Function):
                 grad_lora = gs @ a  # (N, in)
                 if mask is not None:
                     grad_lora = grad_lora.mul_(mask).mul_(1.0 / (1.0 - ctx.dropout_p))
-                grad_x = grad_x.to(ctx.x_dtype) + grad_lora.to(ctx.x_dtype)
-            grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
+                grad_x = _cast(grad_x, ctx.x_dtype) + _cast(grad_lora, ctx.x_dtype)
+            grad_x = _cast(grad_x, ctx.x_dtype).view(ctx.x_shape)
         return grad_x, grad_a, grad_b, None, None
