@@ -375,22 +375,31 @@ def cpu_available_bytes() -> int:
     return max(0, available)
 
 
-CUDA_CONTEXT_BYTES = 512 * 2**20  # held by the driver outside PyTorch's allocator; for planning another machine
+# Held by the driver outside PyTorch's allocator, for planning another machine (--device-memory);
+# an assumption, not yet measured here: on the device itself the free memory is read after the
+# context exists, so it is never needed there.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+# What a CPU process allocates on its first training step besides tensors (lazy imports, the
+# matmul library's per-thread buffers): measured by bench/memory_plan_check.py as
+# first_step_libraries, 58-59 MiB at the small shapes' widths and 103-105 MiB at Phi-2's and
+# Phi-3-mini's (bench/results/memory-plan-cpu-2026-11-26*.json); the larger is planned.
+CPU_FIRST_STEP_BYTES = 105 * 2**20
 
 
 def fixed_overhead(device: torch.device, *, planning_elsewhere: bool) -> tuple[int, str]:
     """(bytes, how) of the framework's own memory that the budget does not already exclude.
-    On this CUDA device the free memory is read after the context exists: 0. Planning for
-    another machine (--device-memory): the CUDA context, or on CPU this process's resident
-    size now (torch and phicore imported: the baseline every run starts from)."""
+    On this CUDA device the free memory is read after the context exists: 0. On CPU, what the
+    first step loads; planning for another machine (--device-memory) also this process's
+    resident size now (torch and phicore imported: the baseline every run starts from), or the
+    CUDA context."""
     if device.type == "cuda":
         if planning_elsewhere:
-            return CUDA_CONTEXT_BYTES, "CUDA context (outside PyTorch's allocator)"
+            return CUDA_CONTEXT_BYTES, "CUDA context (outside PyTorch's allocator; assumed)"
         return 0, ""
-    if device.type == "cpu" and planning_elsewhere:
-        rss = _rss_bytes()
-        if rss:
-            return rss, "this process (Python, torch, phicore), measured now"
+    if device.type == "cpu":
+        rss = _rss_bytes() if planning_elsewhere else 0
+        how = "libraries a first step loads (measured)" + (", and this process now" if rss else "")
+        return CPU_FIRST_STEP_BYTES + rss, how
     return 0, ""
 
 
