@@ -141,44 +141,32 @@ def _write_jsonl(path: str, results) -> None:
         atomic_write_text(Path(path), "".join(lines))
 
 
-def _dense_base(args, merges: bool) -> tuple:
-    """(dequantise an NF4 base once?, the banner's line saying why). Exports that merge need it;
-    --dense-base yes/no decide; auto: not on CUDA (the NF4 gemv kernel decodes from the 4-bit
-    bytes there, and GPU memory is the scarce one); on CPU and MPS when the dense base fits the
-    free memory by the planner (decoding then costs one matmul per weight, not a dequantise too)."""
-    import torch
-
-    from phicore.inference import read_adapter_info
+def _hold_base_dense(args, model) -> Optional[str]:
+    """Dequantise a loaded NF4 base once (FrozenLinear.dequantize_), or not; the banner's line
+    saying which. --dense-base yes/no decide; auto: not on CUDA (the NF4 gemv kernel decodes
+    from the 4-bit bytes there, and GPU memory is the scarce one); on CPU and MPS when the dense
+    base fits the free memory by the planner (decoding then costs one matmul per weight, not a
+    dequantise too)."""
+    from phicore.frozen_linear import FrozenLinear, dequantize_frozen_linears
     from phicore.memory_plan import device_budget, plan_generation
-    from phicore.weights import default_device, default_dtype, parse_dtype
 
-    if merges or args.dense_base == "no":
-        return merges, None
-    info = read_adapter_info(args.adapter, args.base)
-    if (args.quantize or (info.quantization or {}).get("type")) != "nf4":
-        return False, None  # a dense base already
+    nf4 = any(isinstance(module, FrozenLinear) and module.is_nf4 for module in model.modules())
+    if not nf4 or args.dense_base == "no" or (args.dense_base == "auto" and model.device.type == "cuda"):
+        return None
     if args.dense_base == "yes":
-        return True, "NF4 base dequantised once (--dense-base yes)"
-    device = torch.device(args.device) if args.device else default_device()
-    if device.type == "cuda":
-        return False, None
-    from phicore.train.batch_size import model_config_for
-    from phicore.train.config import UsageError
-
-    try:
-        model_config = model_config_for(info.base_model)
-    except UsageError:
-        return False, None  # the load reports the base's problem
-    dtype = parse_dtype(args.dtype) or default_dtype(device)
-    plan = plan_generation(model_config, batch_size=args.batch_size, prompt_tokens=512, new_tokens=512,
+        dequantize_frozen_linears(model)
+        return "NF4 base dequantised once (--dense-base yes)"
+    dtype = model.dtype
+    plan = plan_generation(model.config, batch_size=args.batch_size, prompt_tokens=512, new_tokens=512,
                            weight_bytes=dtype.itemsize)
-    budget = device_budget(device)
+    budget = device_budget(model.device)
     need, have = plan.peak_bytes / 2**30, budget.usable_bytes / 2**30
-    if plan.peak_bytes <= budget.usable_bytes:
-        return True, (f"NF4 base dequantised once into {str(dtype).replace('torch.', '')} ({need:.2f} GiB planned, "
-                      f"{have:.2f} GiB free): dense decoding on {device.type} (--dense-base no keeps it 4-bit)")
-    return False, (f"NF4 base kept in 4-bit: dequantised it would need {need:.2f} GiB, {have:.2f} GiB free "
-                   "(each token dequantises every weight)")
+    if plan.peak_bytes > budget.usable_bytes:
+        return (f"NF4 base kept in 4-bit: dequantised it would need {need:.2f} GiB, {have:.2f} GiB free "
+                "(each token dequantises every weight)")
+    dequantize_frozen_linears(model)
+    return (f"NF4 base dequantised once into {str(dtype).replace('torch.', '')} ({need:.2f} GiB planned, "
+            f"{have:.2f} GiB free): dense decoding on {model.device.type} (--dense-base no keeps it 4-bit)")
 
 
 def generation_plan(args, settings) -> str:
@@ -241,9 +229,9 @@ def main(argv=None, *, stdin=None, stdout=None) -> int:
         if args.plan:  # the memory plan, nothing loaded
             print(generation_plan(args, settings), file=stdout)
             return 0
-        dense, note = _dense_base(args, exports.merges)
         session = load_session(args.adapter, base=args.base, device=args.device, dtype=args.dtype,
-                               quantize=args.quantize, dense=dense, warn=log)
+                               quantize=args.quantize, dense=exports.merges, warn=log)
+        note = _hold_base_dense(args, session.model)
         if note:
             log(note)
         if args.compile:

@@ -179,13 +179,11 @@ class PhicoreEngine(Engine):
         return loss_sum(self.model, batch) / max(batch.num_target_tokens, 1)
 
     def generate(self, prompt: list, new_tokens: int) -> int:
-        from phicore.frozen_linear import FrozenLinear
+        from phicore.frozen_linear import dequantize_frozen_linears
         from phicore.generate import generate
 
         if self.quantize and self.device.type != "cuda" and "nf4-decode" not in self.options:
-            for module in self.model.modules():  # as infer.py's --dense-base auto on CPU/MPS
-                if isinstance(module, FrozenLinear):
-                    module.dequantize_()
+            dequantize_frozen_linears(self.model)  # as infer.py's --dense-base auto on CPU/MPS
 
         return len(generate(self.model, prompt, max_new_tokens=new_tokens, temperature=0.0))
 

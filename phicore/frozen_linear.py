@@ -319,6 +319,15 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
+def dequantize_frozen_linears(model: nn.Module) -> int:
+    """Hold every NF4 FrozenLinear of `model` (an NF4Linear, or a LoRALinear over one) dense from
+    now on (FrozenLinear.dequantize_), one layer at a time. Returns how many there were."""
+    layers = [module for module in model.modules() if isinstance(module, FrozenLinear) and module.is_nf4]
+    for layer in layers:
+        layer.dequantize_()
+    return len(layers)
+
+
 def quantize_model_linears(
     model: nn.Module,
     skip: Iterable[str] = ("lm_head",),

@@ -62,7 +62,6 @@ from .loss import default_chunk_size
 GIB = 2**30
 NF4_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -418,14 +417,3 @@ def batch_candidates(limit: int, effective: Optional[int]) -> list:
     if effective is not None:
         return [b for b in range(min(limit, effective), 0, -1) if effective % b == 0]
     return list(range(limit, 0, -1))
-
-
-def largest_fitting_batch(config: ModelConfig, shape: TrainingShape, budget: Budget, *, limit: int,
-                          effective: Optional[int] = None, fixed: int = 0) -> Optional[int]:
-    """The largest candidate batch whose planned peak is within the budget, or None."""
-    from dataclasses import replace
-
-    for batch in batch_candidates(limit, effective):
-        if plan_training(config, replace(shape, batch_size=batch), fixed=fixed).peak_bytes <= budget.usable_bytes:
-            return batch
-    return None

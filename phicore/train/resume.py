@@ -35,6 +35,7 @@ class StartPoint:
     checkpoint: Optional[Path] = None  # resume from it
     complete: Optional[RunRecord] = None  # the finished run: nothing to train or write
     saved_state: dict = field(default_factory=dict)  # the checkpoint's trainer_state.json
+    saved_config: dict = field(default_factory=dict)  # the checkpoint's run_config.json
     notes: list = field(default_factory=list)  # lines for the log: warnings, accepted changes
 
 
@@ -65,10 +66,11 @@ def start_point(config: RunConfig, folder: OutputFolder, world_size: int) -> Sta
     if written_by != world_size:
         raise UsageError(f"{checkpoint}: written by {written_by} process(es); resume it with the same number "
                          f"(torchrun --nproc_per_node={written_by}), not {world_size}")
-    notes = [*warnings, *_compare(config, saved_config(checkpoint), str(checkpoint))]
+    saved = saved_config(checkpoint)
+    notes = [*warnings, *_compare(config, saved, str(checkpoint))]
     if finished is not None and finished.result["steps"] <= state["step"] and _same_length(config, finished.config):
         return StartPoint(complete=finished, notes=notes)
-    return StartPoint(checkpoint=checkpoint, saved_state=state, notes=notes)
+    return StartPoint(checkpoint=checkpoint, saved_state=state, saved_config=saved, notes=notes)
 
 
 def _describe(folder: OutputFolder) -> str:

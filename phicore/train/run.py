@@ -42,7 +42,6 @@ from ..tokenizer import load_tokenizer
 from ..weights import check_model_folder, default_device, default_dtype, load_model, parse_dtype
 from .config import RunConfig, UsageError
 from .batch_size import choose_batch
-from .checkpoint import saved_config
 from .distributed import DistContext, DistributedSetupError
 from .loop import total_steps_for, train
 from .output import BASE_NAME, OutputFolder
@@ -305,7 +304,7 @@ def _prepare_run(config: RunConfig, start: StartPoint, dist: DistContext, log: L
     model = _build_model(config, base, device, dist)
     seq_len = config.max_length if config.pack else int(min(config.max_length, examples.lengths.max()))
     config = choose_batch(config, model.config, device, seq_len, len(examples) // dist.world_size or 1, log,
-                          model=model, saved=saved_config(start.checkpoint) if start.checkpoint else None)
+                          model=model, saved=start.saved_config)
     pad_id = tokenizer.pad_token_id
     shard = {"rank": dist.rank, "world_size": dist.world_size}
     train_plan = BatchPlan(examples, config.batch_size, pad_id, seed=config.seed, pack=config.pack,
