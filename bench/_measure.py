@@ -273,3 +273,45 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: Optional[int] = 
     return {"flops_per_s": best, "size": size, "dtype": str(dtype).replace("torch.", ""),
             "how": f"best of up to 3 rounds of {repeats} torch.mm products {size}x{size}x{size} on random normal "
                    "data, after warm-up"}
+
+
+def _allocation_site(frames: list, root: str) -> str:
+    """'file:line function' of the frames under `root` (this checkout) nearest the allocation,
+    up to three, innermost first: where in phicore (or the bench) a block was asked for."""
+    if frames and frames[0].get("name") == "<module>":  # outermost first: turn it round
+        frames = frames[::-1]
+    ours = [f for f in frames if f.get("filename", "").startswith(root)]
+    return " < ".join(f"{f['filename'][len(root):].lstrip('/')}:{f['line']} {f['name']}" for f in ours[:3]) or "(outside)"
+
+
+def live_at_peak(trace: list, root: str, top: int = 25) -> dict:
+    """The CUDA caching allocator's trace (torch.cuda.memory._snapshot()["device_traces"][i],
+    recorded with _record_memory_history) replayed: the highest bytes allocated above the trace's
+    start, and the blocks alive at that moment summed by allocation site (`_allocation_site`).
+
+    A block counts from "alloc" to "free_requested" (when max_memory_allocated stops counting it);
+    a freed block allocated before the trace began lowers the running total below the start."""
+    def replay(stop: int):
+        live, total, peak, peak_at = {}, 0, 0, -1
+        for index, event in enumerate(trace[:stop]):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                total += event["size"]
+            elif event["action"] == "free_requested":
+                total -= event["size"]
+                live.pop(event["addr"], None)
+            if total > peak:
+                peak, peak_at = total, index
+        return live, peak, peak_at
+
+    _, peak, peak_at = replay(len(trace))
+    live, _, _ = replay(peak_at + 1)  # the blocks alive just after the peak's allocation
+    sites: dict = {}
+    for event in live.values():
+        site = sites.setdefault(_allocation_site(event.get("frames", []), root), {"bytes": 0, "blocks": 0})
+        site["bytes"] += event["size"]
+        site["blocks"] += 1
+    ordered = sorted(sites.items(), key=lambda item: -item[1]["bytes"])
+    return {"peak_above_start_bytes": peak, "live_at_peak_bytes": sum(e["size"] for e in live.values()),
+            "sites": [{"site": name, **numbers} for name, numbers in ordered[:top]],
+            "other_sites_bytes": sum(numbers["bytes"] for _, numbers in ordered[top:])}

@@ -13,7 +13,8 @@ Per engine, in order:
     the same model, so these agree across engines (to NF4 rounding between LoRA and QLoRA);
  3. warm-up steps, then timed steps: forward + loss, backward, clip + AdamW step + zero_grad,
     the device synchronised at each phase boundary (`phases_s_median`);
- 4. a profiled step when asked (torch.profiler; top ops by self time);
+ 4. a profiled step when asked (torch.profiler; top ops by self time), and one with the CUDA
+    allocator's history (what is alive at the step's peak, by allocating line) when asked;
  5. generation at batch 1: prefill and decode tokens/s from greedy runs of 1 and 1 + K tokens.
 """
 
@@ -168,6 +169,56 @@ def profile_step(engine, batch, optimizer, params, job: dict, autocast_dtype) ->
                         for e in top]}
 
 
+def memory_peak_step(engine, batch, optimizer, params, job: dict, autocast_dtype) -> dict:
+    """One more step with the CUDA allocator's history recorded: what is alive at the step's peak,
+    by the phicore (or bench) line that allocated it, next to the memory planner's terms for
+    phicore's engines. A text file beside the JSON; the largest sites in the result."""
+    from bench._measure import live_at_peak
+
+    device = engine.device
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA (the allocator's history)"}
+    sync(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        train_step(engine, batch, optimizer, params, Clock(device), autocast_dtype, job["max_grad_norm"])
+        sync(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = live_at_peak(snapshot["device_traces"][index], str(ROOT))
+    result = {"allocated_at_start_bytes": start, "max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+              **found}
+    if isinstance(engine, PhicoreEngine):
+        from phicore.config import ModelConfig
+        from phicore.memory_plan import TrainingShape, plan_training
+
+        plan = plan_training(ModelConfig.from_dict(job["model_config"]), TrainingShape(
+            batch_size=job["batch_size"], seq_len=job["seq_len"], weight_bytes=2, activation_bytes=2,
+            quantize="nf4" if engine.quantize else None, lora_r=job["lora"]["r"],
+            lora_dropout=job["lora"]["dropout"], grad_checkpointing=job["grad_checkpointing"]))
+        result["planner"] = {"peak_bytes": plan.peak_bytes, "terms": {t.name: t.bytes for t in plan.terms}}
+    lines = [f"{job['engine']}: one training step, CUDA allocator history",
+             f"allocated at start {start / 2**20:.1f} MiB; max allocated {result['max_allocated_bytes'] / 2**20:.1f} MiB; "
+             f"peak above start {found['peak_above_start_bytes'] / 2**20:.1f} MiB "
+             f"(alive at that moment, allocated during the step: {found['live_at_peak_bytes'] / 2**20:.1f} MiB)", "",
+             "MiB alive at the peak  blocks  allocated at (this checkout's frames, innermost first)"]
+    lines += [f"{site['bytes'] / 2**20:>21.1f}  {site['blocks']:>6}  {site['site']}" for site in found["sites"]]
+    lines.append(f"{found['other_sites_bytes'] / 2**20:>21.1f}          (other sites)")
+    if "planner" in result:
+        lines += ["", f"memory planner: peak {result['planner']['peak_bytes'] / 2**20:.1f} MiB"]
+        lines += [f"{size / 2**20:>21.1f}  {name}" for name, size in result["planner"]["terms"].items()]
+    path = Path(job["memory_peak_dir"]) / f"{job['engine']}.memory-peak.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result["file"] = str(path)
+    result["sites"] = found["sites"][:10]
+    return result
+
+
 def measure_generation(engine, job: dict, vocab_size: int) -> dict:
     """Prefill and decode speed at batch 1 with greedy generation.
 
@@ -281,6 +332,9 @@ def run_engine(job: dict) -> dict:
     if job.get("profile_dir"):
         log(f"  {job['engine']}: profiling one step")
         result["profile"] = profile_step(engine, batch, optimizer, params, job, dtype)
+    if job.get("memory_peak_dir"):
+        log(f"  {job['engine']}: one step with the allocator's history")
+        result["memory_peak"] = memory_peak_step(engine, batch, optimizer, params, job, dtype)
     optimizer.zero_grad(set_to_none=True)
     if job["new_tokens"] > 0:
         log(f"  {job['engine']}: generation, prompt {job['prompt_len']}, {job['new_tokens']} new tokens")

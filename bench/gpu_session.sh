@@ -13,10 +13,14 @@
 #   profile-3  phicore-qlora and hf-qlora on Phi-3-mini-4k with --profile (what still costs time)
 #   compile-3  phicore-qlora on Phi-3-mini-4k: eager, --compile, and --compile with CUDA graphs
 #              (the H200 steps were host-bound: 111 ms of GPU work in a 263-340 ms step)
+#   memory-2   phicore-qlora and phicore-lora on Phi-2 with --memory-peak: what is alive at the
+#              step's peak, by allocating line, beside the planner's terms (the planner missed
+#              Phi-2 QLoRA on the H200 by 17 %; LoRA and Phi-3 within 6 %; CPU within 2 %)
 #
 # Done so far (bench/results/cuda-h200-2026-11-26-*, bench/NOTES.md "Measured on a GPU"): every part
-# once, on an H200. Next lease: check (the fixed RoPE path, the compiled stack), compile-3 (CUDA
-# graphs against the host-bound steps), then phi-3, then the ablations not yet measured
+# once, on an H200. Next lease: check (the fixed RoPE path, the compiled stack, and kernels.py's
+# GPU-only times: calls queued behind a spin kernel, launch cost out), compile-3 (CUDA graphs
+# against the host-bound steps), memory-2, then phi-3, then the ablations not yet measured
 # (unfused-lora torch-rms-norm torch-rope sdpa-attention).
 #
 # Results go to $OUT (the device tool's return folder; bench/results/ when unset). hf-qlora needs bitsandbytes, which the device
@@ -25,7 +29,7 @@
 #     --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part="${1:?part: check | phi-3 | phi-2 | ablate-3 | profile-3 | compile-3}"
+part="${1:?part: check | phi-3 | phi-2 | ablate-3 | profile-3 | compile-3 | memory-2}"
 shift
 out="${OUT:-bench/results}"
 mkdir -p "$out"
@@ -79,5 +83,10 @@ case "$part" in
         --keep-checkpoint "$ckpt-phi-3-mini-4k" --json "$out/compile-$option.json" 2>&1 | tail -4
     done
     ;;
-  *) echo "unknown part: $part (check | phi-3 | phi-2 | ablate-3 | profile-3 | compile-3)" >&2; exit 2 ;;
+  memory-2)
+    python3 bench/throughput.py --shape phi-2 --device cuda --seq-len 2048 --batch-size 1 --steps 2 --warmup 2 \
+      --new-tokens 0 --peak-size 0 --engines phicore-qlora,phicore-lora --memory-peak \
+      --keep-checkpoint "$ckpt-phi-2" --json "$out/cuda-phi-2-memory-peak.json"
+    ;;
+  *) echo "unknown part: $part (check | phi-3 | phi-2 | ablate-3 | profile-3 | compile-3 | memory-2)" >&2; exit 2 ;;
 esac

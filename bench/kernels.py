@@ -29,6 +29,10 @@ the median time; `vs dequant+matmul` is the dense path's time over the row's:
                   then F.linear; on a CPU this is also kernels.nf4_matvec's torch reference
   bitsandbytes    bnb.matmul_4bit (its gemv_4bit for one row) on bnb's own quantisation
 Each row's output is compared with the torch reference on the same bytes (max relative diff).
+On CUDA every row (and the copy) is also timed on the GPU alone (`device_s`, `GPU GB/s`): calls
+queued behind a spin kernel run back to back, so the host's launch cost drops out. The median
+wall time includes that launch, which is what a host-bound step pays; the GPU time is what the
+kernel costs once launches are hidden (CUDA graphs, a host that keeps ahead).
 --backends applies to the dequantisation table only; the gemv case runs all three.
 A table is printed; a JSON file is written to bench/results/kernels-<device>-<date>.json
 (or --json PATH).
@@ -117,6 +121,47 @@ def time_call(fn, device: torch.device, repeats: int, warmup: int = 2) -> list:
     return times
 
 
+def device_seconds_per_call(fn, device: torch.device, calls: int = 20) -> dict | None:
+    """GPU seconds per call with the host's launch cost taken out; None off CUDA.
+
+    `time_call` times each call from the host, launch included: on a host slower than the GPU
+    (the H200 VM of 2026-11-26 took ~40 us per Triton launch) that measures the launch, not the
+    kernel. Here a spin kernel (torch.cuda._sleep) holds the GPU while the host queues `calls`
+    calls behind a start event, so they run back to back and the events time only the GPU.
+    `queued_behind_spin` says the spin outlasted the queueing (else the figure still includes
+    host time: the spin is lengthened and tried once more before reporting so)."""
+    if device.type != "cuda":
+        return None
+    fn()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_s = time.perf_counter() - started  # queueing time (the GPU may finish some meanwhile)
+    sync(device)
+    # the spin kernel's cycles per second, measured: sm clocks vary
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    sync(device)
+    cycles_per_s = 1_000_000 / (begin.elapsed_time(end) / 1e3)
+    spin_s = max(0.02, 3 * host_s)
+    for _attempt in range(2):
+        torch.cuda._sleep(int(spin_s * cycles_per_s))
+        begin.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        queued = not begin.query()  # the GPU is still spinning: every call waits in the queue
+        sync(device)
+        if queued:
+            break
+        spin_s *= 4
+    return {"device_s": begin.elapsed_time(end) / 1e3 / calls, "calls": calls, "queued_behind_spin": queued,
+            "host_queue_s": host_s / calls}
+
+
 # the MemoryProbe.current() field that peak_since_reset() measures, per device type
 PEAK_MEASURE = {"cuda": "allocated_bytes", "mps": "driver_allocated_bytes"}
 
@@ -149,7 +194,11 @@ def copy_bandwidth(nbytes: int, device: torch.device, repeats: int) -> dict:
     dst = torch.empty_like(src)
     times = time_call(lambda: dst.copy_(src), device, repeats)
     median = statistics.median(times)
-    return {"bytes": nbytes, "median_s": median, "gb_per_s": 2 * nbytes / median / 1e9}
+    out = {"bytes": nbytes, "median_s": median, "gb_per_s": 2 * nbytes / median / 1e9}
+    device_time = device_seconds_per_call(lambda: dst.copy_(src), device)
+    if device_time is not None:
+        out.update(device_time, device_gb_per_s=2 * nbytes / device_time["device_s"] / 1e9)
+    return out
 
 
 def _state_from_bnb(quant_state):
@@ -239,6 +288,9 @@ def run_gemv(shapes: list, rows: int, dtype: torch.dtype, device: torch.device, 
             rows_out.append({"shape": [out_features, in_features], "rows": rows, "backend": backend,
                              "nf4_bytes_read": read, "median_s": median, "min_s": min(median_times),
                              "gb_per_s": read / median / 1e9, "max_rel_diff_vs_torch": diff})
+            device_time = device_seconds_per_call(fn, device)
+            if device_time is not None:
+                rows_out[-1].update(device_time, device_gb_per_s=read / device_time["device_s"] / 1e9)
         dense = next((r["median_s"] for r in rows_out if r["backend"] == "dequant+matmul"), None)
         for r in rows_out:
             r["speedup_vs_dequant_matmul"] = None if dense is None else dense / r["median_s"]
@@ -308,6 +360,11 @@ def run(args: argparse.Namespace, argv: list) -> dict:
                          "gb_per_s": counted["total"] / median / 1e9, "elements_per_s": weight.numel() / median,
                          "fraction_of_copy": counted["total"] / median / 1e9 / record["copy"]["gb_per_s"],
                          "max_abs_diff_vs_torch": diff, "call_peak_bytes": peak})
+            device_time = device_seconds_per_call(fn, device)
+            if device_time is not None:  # the kernel alone, launch excluded (CUDA)
+                device_gb_per_s = counted["total"] / device_time["device_s"] / 1e9
+                rows[-1].update(device_time, device_gb_per_s=device_gb_per_s,
+                                device_fraction_of_copy=device_gb_per_s / record["copy"]["device_gb_per_s"])
         record["results"] += rows
     g = record["gemv"]
     g["results"] = run_gemv(gemv_shapes, args.gemv_rows, dtype, device, repeats, list(GEMV_BACKENDS), g["skipped"])
@@ -319,13 +376,20 @@ def table(record: dict) -> str:
     lines = [f"NF4 dequantisation on {d['name']} [{d['type']}, out {s['dtype']}, {d['threads']} threads], "
              f"median of {s['repeats']}",
              f"device copy ceiling: {record['copy']['gb_per_s']:.1f} GB/s ({record['copy']['bytes'] / 2**20:.1f} MiB "
-             "buffer, read + write)", ""]
+             "buffer, read + write)"
+             + (f"; GPU time alone: {record['copy']['device_gb_per_s']:.1f} GB/s" if "device_gb_per_s" in record["copy"]
+                else ""), ""]
     header = ["shape", "backend", "GB/s", "of copy", "ms", "Gelem/s", "peak MiB", "max|diff| vs torch"]
     rows = [[f"{r['shape'][0]}x{r['shape'][1]}", r["backend"], f"{r['gb_per_s']:.2f}",
              f"{100 * r['fraction_of_copy']:.0f}%", f"{1e3 * r['median_s']:.3f}", f"{r['elements_per_s'] / 1e9:.2f}",
              "-" if r.get("call_peak_bytes") is None else f"{r['call_peak_bytes'] / 2**20:.0f}",
              "-" if r.get("max_abs_diff_vs_torch") is None else f"{r['max_abs_diff_vs_torch']:.1e}"]
             for r in record["results"]]
+    if any("device_gb_per_s" in r for r in record["results"]):  # CUDA: the kernel alone, launch excluded
+        header += ["GPU GB/s", "GPU of copy"]
+        for row, r in zip(rows, record["results"]):
+            row += [f"{r['device_gb_per_s']:.1f}", f"{100 * r['device_fraction_of_copy']:.0f}%"] \
+                if "device_gb_per_s" in r else ["-", "-"]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:
         lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -339,6 +403,10 @@ def table(record: dict) -> str:
                  f"{1e3 * r['median_s']:.3f}",
                  "-" if r["speedup_vs_dequant_matmul"] is None else f"{r['speedup_vs_dequant_matmul']:.2f}x",
                  f"{r['max_rel_diff_vs_torch']:.1e}"] for r in g["results"]]
+        if any("device_gb_per_s" in r for r in g["results"]):
+            header += ["GPU GB/s"]
+            for row, r in zip(rows, g["results"]):
+                row.append(f"{r['device_gb_per_s']:.1f}" if "device_gb_per_s" in r else "-")
         widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
         for row in [header] + rows:
             lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))

@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true",
                         help="profile one extra step per engine with torch.profiler (tables next to the JSON)")
+    parser.add_argument("--memory-peak", action="store_true",
+                        help="CUDA: one extra step per engine with the allocator's history: what is alive at the "
+                             "peak, by allocating line, beside the memory planner's terms (text next to the JSON)")
     parser.add_argument("--json", dest="json_path", default=None,
                         help="where to write the results (default: "
                              "bench/results/<device>-<date>-<shape>-seq<N>-b<B>[-t<threads>][-<options>].json)")
@@ -433,6 +436,8 @@ def run(args: argparse.Namespace, argv: list) -> dict:
             job = {"job": "engine", "engine": name, "checkpoint_dir": str(checkpoint_dir), **settings}
             if args.profile:
                 job["profile_dir"] = str(work / "profiles")
+            if args.memory_peak:
+                job["memory_peak_dir"] = str(work / "memory-peaks")
             result = run_job(job, work, name)
             if "skipped" in result:
                 print(f"{name}: skipped ({result['skipped']})", file=sys.stderr)
@@ -442,12 +447,12 @@ def run(args: argparse.Namespace, argv: list) -> dict:
         add_mfu(record)
         record["ratios"] = ratios(record["engines"])
         record["device"]["load_average_at_end"] = load_average()
-        if args.profile:
-            for name, result in record["engines"].items():
-                if "profile" in result:
-                    target = path.with_name(f"{path.stem}.{name}.profile.txt")
-                    shutil.copyfile(result["profile"]["file"], target)
-                    result["profile"]["file"] = str(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target)
+        for name, result in record["engines"].items():  # --profile / --memory-peak texts beside the JSON
+            for key, suffix in (("profile", "profile"), ("memory_peak", "memory-peak")):
+                if "file" in result.get(key, {}):
+                    target = path.with_name(f"{path.stem}.{name}.{suffix}.txt")
+                    shutil.copyfile(result[key]["file"], target)
+                    result[key]["file"] = str(target.relative_to(ROOT) if target.is_relative_to(ROOT) else target)
         write_json(record, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)

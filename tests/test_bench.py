@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("phicore-lora", "phicore-qlora", "hf-lora", "hf-qlora")
@@ -47,7 +48,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     proc = _run("throughput.py", "--shape", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
                 "--threads", "1", "--new-tokens", "4", "--gen-repeats", "1", "--prompt-len", "16",
-                "--peak-size", "256", "--json", str(out))
+                "--peak-size", "256", "--memory-peak", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -77,6 +78,14 @@ def test_throughput_records_every_engine(tiny_run):
     for pair, ratio in record["ratios"].items():
         assert pair in ("phicore-lora/hf-lora", "phicore-qlora/hf-qlora")
         assert ratio["tokens_per_s"] > 0 and ratio["peak_mem_bytes"] > 0
+
+
+def test_memory_peak_step_needs_cuda(tiny_run):
+    """--memory-peak reads the CUDA allocator's history; elsewhere each engine says why it has none."""
+    record, _ = tiny_run
+    for engine in record["engines"].values():
+        if "skipped" not in engine:
+            assert engine["memory_peak"] == {"skipped": "needs CUDA (the allocator's history)"}
 
 
 def test_throughput_records_settings_and_provenance(tiny_run):
@@ -206,6 +215,101 @@ def test_kernels_quick(tmp_path, capsys):
         assert row["max_abs_diff_vs_torch"] == 0.0  # bit-identical to the reference on the same bytes
         assert row["call_peak_bytes"] is None or isinstance(row["call_peak_bytes"], int)  # None: no clear_refs
     assert "GB/s" in capsys.readouterr().out
+
+
+class _FakeGPU:
+    """A GPU clock for bench/kernels.py's device timing: each queued call costs `kernel_s` of GPU
+    time; a spin of c cycles costs c / `hz` seconds; the spin still runs after the host queued its
+    calls only when it is longer than `host_s_per_call` x calls."""
+
+    def __init__(self, kernel_s, hz, host_s_per_call):
+        self.kernel_s, self.hz, self.host_s_per_call = kernel_s, hz, host_s_per_call
+        self.gpu_now, self.spin_left, self.queued_calls, self.spins = 0.0, 0.0, 0, []
+
+    def call(self):
+        self.gpu_now += self.kernel_s
+        self.queued_calls += 1
+
+    def sleep(self, cycles):
+        self.spins.append(cycles)
+        self.gpu_now += cycles / self.hz
+        self.spin_left = cycles / self.hz
+        self.queued_calls = 0
+
+    def event(self, enable_timing=True):
+        gpu = self
+
+        class Event:
+            def record(self):
+                self.at = gpu.gpu_now
+
+            def query(self):  # reached by the GPU: the spin ended before the host finished queueing
+                return gpu.spin_left <= gpu.queued_calls * gpu.host_s_per_call
+
+            def elapsed_time(self, other):
+                return (other.at - self.at) * 1e3  # ms
+
+        return Event()
+
+
+@pytest.mark.parametrize("host_s_per_call", [1e-6, 2e-3])
+def test_kernel_device_time_excludes_launches(monkeypatch, host_s_per_call):
+    """device_seconds_per_call: GPU seconds per call from the events around calls queued behind a
+    spin, the spin sized from a measured clock rate, lengthened when the host queued too slowly."""
+    sys.path.insert(0, str(ROOT))
+    from bench import kernels as bench_kernels
+
+    gpu = _FakeGPU(kernel_s=25e-6, hz=1.98e9, host_s_per_call=host_s_per_call)
+    monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep)
+    monkeypatch.setattr(torch.cuda, "Event", gpu.event)
+    monkeypatch.setattr(bench_kernels, "sync", lambda device: None)
+    assert bench_kernels.device_seconds_per_call(gpu.call, torch.device("cpu")) is None  # CUDA only
+    result = bench_kernels.device_seconds_per_call(gpu.call, torch.device("cuda"), calls=20)
+    assert result["device_s"] == pytest.approx(25e-6)
+    assert result["calls"] == 20 and result["queued_behind_spin"]
+    assert gpu.spins[0] == 1_000_000  # the clock calibration
+    assert gpu.spins[1] == pytest.approx(0.02 * 1.98e9, rel=1e-6)  # at least 20 ms of spin
+    if host_s_per_call > 1e-3:  # 20 calls x 2 ms outlast a 20 ms spin: a 4x longer one is tried
+        assert len(gpu.spins) == 3 and gpu.spins[2] == pytest.approx(4 * gpu.spins[1], rel=1e-6)
+    else:
+        assert len(gpu.spins) == 2
+
+
+def test_live_at_peak_replays_the_allocator_trace():
+    """bench/_measure.live_at_peak: the peak above the trace's start and what is alive then, by the
+    allocating line in this checkout (innermost first), from a CUDA allocator trace's events."""
+    sys.path.insert(0, str(ROOT))
+    from bench._measure import live_at_peak
+
+    root = "/repo"
+
+    def frames(*sites):  # innermost first, as the allocator records them, with torch's own frame inside
+        return [{"filename": "/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"}] + [
+            {"filename": f"{root}/{path}", "line": line, "name": name} for path, line, name in sites]
+
+    checkpoint = frames(("phicore/model.py", 10, "forward"), ("bench/_worker.py", 5, "train_step"))
+    dequant = frames(("phicore/nf4.py", 20, "backward"))
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": checkpoint},
+        {"action": "alloc", "addr": 2, "size": 100, "frames": checkpoint},
+        {"action": "free_requested", "addr": 99, "size": 50, "frames": []},  # held before the trace began
+        {"action": "alloc", "addr": 3, "size": 300, "frames": dequant},  # the peak: 100 + 100 - 50 + 300
+        {"action": "free_requested", "addr": 3, "size": 300, "frames": dequant},
+        {"action": "free_completed", "addr": 3, "size": 300, "frames": dequant},  # not counted twice
+        {"action": "alloc", "addr": 3, "size": 200, "frames": dequant},
+        {"action": "alloc", "addr": 4, "size": 10, "frames": [{"filename": "/elsewhere.py", "line": 1, "name": "f"}]},
+    ]
+    found = live_at_peak(trace, root)
+    assert found["peak_above_start_bytes"] == 450
+    assert found["live_at_peak_bytes"] == 500  # the blocks of the step; the pre-trace free is not one
+    assert found["sites"] == [
+        {"site": "phicore/nf4.py:20 backward", "bytes": 300, "blocks": 1},
+        {"site": "phicore/model.py:10 forward < bench/_worker.py:5 train_step", "bytes": 200, "blocks": 2},
+    ]
+    outermost_first = [{**event, "frames": [{"filename": "x", "line": 0, "name": "<module>"}] + event["frames"][::-1]}
+                       for event in trace]
+    assert live_at_peak(outermost_first, root)["sites"] == found["sites"]
+    assert live_at_peak(trace, root, top=1)["other_sites_bytes"] == 200
 
 
 def test_collate_records_time_and_batch_bytes(tmp_path, capsys):
