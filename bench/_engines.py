@@ -107,6 +107,12 @@ def _unfused_lora(engine):
     set_paths(fused_lora=False)
 
 
+def _torch_checkpoint(engine):
+    from phicore import set_paths
+
+    set_paths(layer_checkpoint="torch")
+
+
 def _sdpa_attention(engine):
     from phicore import set_paths
 
@@ -131,6 +137,8 @@ PHICORE_OPTIONS = {
     "full-logits-loss": ("loss from the full (tokens x vocab) logits, not the chunked linear + CE", None),
     "unfused-lora": ("LoRA through the reference path, not the fused autograd node", _unfused_lora),
     "offload-checkpoints": ("gradient-checkpointed layer inputs kept in (pinned) CPU memory", _offload_checkpoints),
+    "torch-checkpoint": ("torch.utils.checkpoint per layer, not phicore's checkpoint node (more host work per "
+                         "layer: bench/host_overhead.py)", _torch_checkpoint),
     "compile": ("torch.compile of the decoder layers (phicore.compile; the warm-up steps compile, "
                 "warmup_step_s records them)", _compile("default")),
     "compile-cudagraphs": ("torch.compile with mode reduce-overhead: CUDA graphs replay each layer's kernels "

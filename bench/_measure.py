@@ -19,6 +19,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -273,6 +274,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: Optional[int] = 
     return {"flops_per_s": best, "size": size, "dtype": str(dtype).replace("torch.", ""),
             "how": f"best of up to 3 rounds of {repeats} torch.mm products {size}x{size}x{size} on random normal "
                    "data, after warm-up"}
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (`ops`: name -> calls): host work that does
+    not depend on the machine or its load."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _allocation_site(frames: list, root: str) -> str:

@@ -20,8 +20,9 @@
 # Done so far (bench/results/cuda-h200-2026-11-26-*, bench/NOTES.md "Measured on a GPU"): every part
 # once, on an H200. Next lease: check (the fixed RoPE path, the compiled stack, and kernels.py's
 # GPU-only times: calls queued behind a spin kernel, launch cost out), compile-3 (CUDA graphs
-# against the host-bound steps), memory-2, then phi-3, then the ablations not yet measured
-# (unfused-lora torch-rms-norm torch-rope sdpa-attention).
+# against the host-bound steps), memory-2, then phi-3 (the steps now use phicore's checkpoint
+# node: less host work per layer), then the ablations not yet measured (torch-checkpoint
+# unfused-lora torch-rms-norm torch-rope sdpa-attention).
 #
 # Results go to $OUT (the device tool's return folder; bench/results/ when unset). hf-qlora needs bitsandbytes, which the device
 # image lacks: carry a wheel in .whl/ (ignored by git); this script installs it when present:
@@ -62,7 +63,7 @@ case "$part" in
   ablate-3)
     options=("$@")
     [ ${#options[@]} -gt 0 ] || options=(full-logits-loss unfused-lora torch-nf4 torch-rms-norm torch-rope
-                                         torch-swiglu sdpa-attention offload-checkpoints)
+                                         torch-swiglu sdpa-attention offload-checkpoints torch-checkpoint)
     for option in none "${options[@]}"; do  # "none": the baseline, in the same lease
       flag=(--phicore-option "$option"); [ "$option" = none ] && flag=()
       python3 bench/throughput.py --shape phi-3-mini-4k --device cuda --seq-len 2048 --batch-size 1 --steps 6 --warmup 5 \

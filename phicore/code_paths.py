@@ -1,6 +1,6 @@
 """Which implementation runs where phicore has two: the one place that forces a code path.
 
-Three parts of phicore keep a fast path and a plain reference beside it (style habit 9: tests
+Four parts of phicore keep a fast path and a plain reference beside it (style habit 9: tests
 run both and compare, benchmarks switch one off to measure it alone):
 
     kernels           phicore.kernels ops: "triton" kernel or "torch" reference, "auto" = Triton on
@@ -10,6 +10,9 @@ run both and compare, benchmarks switch one off to measure it alone):
                       True, autograd over the separate ops when False (phicore/lora.py).
     packed_attention  packed rows: "flex" (BlockMask + flex_attention), "sdpa" (dense bool mask),
                       "auto" = flex on CUDA, SDPA elsewhere (phicore/attention.py).
+    layer_checkpoint  gradient checkpointing of a layer: "phicore" (one autograd node,
+                      phicore/layer_checkpoint.py), "torch" (torch.utils.checkpoint), "auto" =
+                      phicore's node except under torch.compile, FSDP2 or with a KV cache.
 
 The defaults ("auto", fused LoRA on) are what every run takes. To force a path:
 
@@ -42,6 +45,7 @@ class CodePaths:
     kernel_ops: tuple[tuple[str, str], ...] = ()
     fused_lora: bool = True
     packed_attention: str = "auto"
+    layer_checkpoint: str = "auto"
 
     def kernel_backend(self, op: Optional[str] = None) -> str:
         """The backend `op` runs on ("auto" | "triton" | "torch"); op=None: the all-ops choice."""
@@ -68,7 +72,7 @@ def _check(paths: CodePaths) -> None:
     """Raise ValueError naming the first unknown value in `paths`."""
     # The valid values live with the code they choose; imported here, not at the top, because
     # phicore.kernels and phicore.attention read this module.
-    from phicore import attention, kernels
+    from phicore import attention, kernels, layer_checkpoint
 
     _one_of("kernel backend", paths.kernels, kernels.BACKENDS)
     for op, backend in paths.kernel_ops:
@@ -77,17 +81,20 @@ def _check(paths: CodePaths) -> None:
     if not isinstance(paths.fused_lora, bool):
         raise ValueError(f"unknown fused_lora setting {paths.fused_lora!r} (one of True, False)")
     _one_of("packed_attention mode", paths.packed_attention, attention.MODES)
+    _one_of("layer_checkpoint mode", paths.layer_checkpoint, layer_checkpoint.MODES)
 
 
 def set_paths(paths: Optional[CodePaths] = None, *, kernels: Union[str, Mapping[str, str], None] = None,
-              fused_lora: Optional[bool] = None, packed_attention: Optional[str] = None) -> CodePaths:
+              fused_lora: Optional[bool] = None, packed_attention: Optional[str] = None,
+              layer_checkpoint: Optional[str] = None) -> CodePaths:
     """Change the choices for the rest of the process; returns the CodePaths it replaced.
 
     `paths` (e.g. what an earlier call returned) replaces every choice; the keywords then change
     only the ones given, on top of `paths` or of the current choices:
     - kernels="torch" | "triton" | "auto": every op (per-op choices made before are dropped);
       kernels={"rope": "torch", ...}: those ops only, added to the per-op choices in force;
-    - fused_lora=True | False; packed_attention="auto" | "flex" | "sdpa".
+    - fused_lora=True | False; packed_attention="auto" | "flex" | "sdpa";
+      layer_checkpoint="auto" | "phicore" | "torch".
     Nothing changes when a value is refused (ValueError).
     """
     global _current
@@ -101,6 +108,8 @@ def set_paths(paths: Optional[CodePaths] = None, *, kernels: Union[str, Mapping[
         new = dataclasses.replace(new, fused_lora=fused_lora)
     if packed_attention is not None:
         new = dataclasses.replace(new, packed_attention=packed_attention)
+    if layer_checkpoint is not None:
+        new = dataclasses.replace(new, layer_checkpoint=layer_checkpoint)
     _check(new)
     previous, _current = _current, new
     return previous

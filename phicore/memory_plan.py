@@ -18,7 +18,9 @@ bf16/fp16 weights or autocast, 4 in fp32), w the bytes of a dense weight element
                       (`layer_bytes_per_token`: norms' inputs and statistics, the projections'
                       inputs and outputs that the next op saves, attention q/k/v/out/logsumexp,
                       the MLP's intermediate tensors, dropout masks, LoRA's x A^T). Under
-                      checkpointing one layer's worth exists at a time, in its recompute.
+                      checkpointing one layer's worth exists at a time, in its recompute,
+                      beside the recomputed layer output and its incoming gradient (2 N D a,
+                      held by phicore.layer_checkpoint's node until the layer's backward ends).
     backward          the gradient tensors alive inside one layer's backward: about
                       N (I' + 2 D) a, I' the widest projection output; plus, for NF4, the
                       largest weight dequantised into the compute dtype (out x in x a).
@@ -255,6 +257,8 @@ def plan_training(config: ModelConfig, shape: TrainingShape, *, fixed: int = 0, 
         plan.add("layer inputs", kept, "offloaded to CPU memory" if shape.offload_checkpoints
                  else f"{L} layers x {N} tokens x {D} x {a} B (gradient checkpointing)")
         plan.add("one layer's activations", layer, f"{layer / N / 1024:.1f} KiB a token, recomputed", "backward")
+        plan.add("recomputed output + its gradient", 2 * N * D * a,
+                 f"2 x {N} x {D} x {a} B, held by the checkpoint node through the layer's backward", "backward")
     else:
         plan.add("activations", L * layer, f"{L} layers x {layer / N / 1024:.1f} KiB a token x {N} tokens")
     if shape.dense_mask:  # SDPA converts the bool mask to the query dtype in every layer and keeps it

@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .layers import Attention, KVCache, RotaryEmbedding, build_attention_mask, make_mlp, make_norm
+from .layer_checkpoint import checkpoint_layer
 from .loss import next_token_loss_sum
 
 STATIC_CACHE_BLOCK = 256  # a static KV cache's length is a multiple of this (new_cache)
@@ -149,12 +149,13 @@ class PhiForCausalLM(nn.Module):
 
         The part of the model that phicore.compile compiles (`compiled_stack`): everything in it
         has static control flow; the masks, rotary tables and loss around it are computed eagerly.
-        checkpointing: torch.utils.checkpoint per layer; offloader: phicore.offload's instead."""
+        checkpointing: each layer recomputed in backward (phicore.layer_checkpoint); offloader:
+        the same with its input held in host memory (phicore.offload)."""
         for layer in self.model.layers:
             if offloader is not None:
                 h = offloader.checkpoint(layer, h, cos, sin, mask, cache)
             elif checkpointing:
-                h = checkpoint(layer, h, cos, sin, mask, cache, use_reentrant=False)
+                h = checkpoint_layer(layer, h, cos, sin, mask, cache)
             else:
                 h = layer(h, cos, sin, mask, cache)
         return self.model.final_norm(h)

@@ -7,21 +7,16 @@ back when its layer's backward needs it, so the GPU holds about one layer input 
 (unsloth's "offloaded gradient checkpointing"). cos, sin and the mask are small and shared by
 every layer: they stay on the device.
 
-One autograd node per layer (`OffloadedCheckpoint`):
-    forward:  copy h to a host buffer (on CUDA: pinned, non_blocking on a side stream that
+The layer's node is phicore.layer_checkpoint's `LayerCheckpoint`, with this module's store in
+place of plain checkpointing's:
+    keep:     copy h to a host buffer (on CUDA: pinned, non_blocking on a side stream that
               first waits for the compute stream; `record_stream` keeps h's device block from
-              being reused before the copy ends; an event marks the copy done), then run the
-              layer with every tensor it would save for backward dropped at once
-              (`saved_tensors_hooks`), and return its output. Grad mode is on for that run, so
-              the layer takes the very code path its recompute will (fused LoRA node, kernels):
-              the forward values are the recomputed graph's values exactly.
-    backward: bring h back (on CUDA: wait for the offload event, copy host -> device), restore
-              the RNG state (CPU and the device's) and the autocast state the forward saw, so
-              dropout masks and dtypes match; recompute the layer on h as a fresh leaf; return
-              dL/dh and dL/dparam for the layer's trainable parameters through
-              `torch.autograd.grad`. The parameters are inputs of the node, so their gradients
-              are accumulated by the outer backward like any other (DDP's hooks fire as usual).
-    prefetch: layer i's backward first starts layer i-1's host -> device copy on the side
+              being reused before the copy ends; an event marks the copy done). h itself is
+              not referenced afterwards, so its device memory is freed with the forward's.
+    fetch:    in the layer's backward, bring h back (on CUDA: wait for the offload event, copy
+              host -> device); the node then recomputes the layer with the forward's RNG and
+              autocast state, as plain checkpointing does.
+    prefetch: layer i's fetch first starts layer i-1's host -> device copy on the side
               stream, so it overlaps layer i's recompute; layer i-1 then waits on its event.
 
 On CPU the same path runs (h copied into a separate CPU buffer, the original freed; the copy
@@ -32,13 +27,13 @@ forward, which this node does not see as inputs); train.py refuses that combinat
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import get_device_states, set_device_states
+
+from .layer_checkpoint import KeptInputs
 
 
 @dataclass
@@ -53,7 +48,7 @@ class OffloadedInput:
     prefetch_done: Optional["torch.cuda.Event"] = None  # CUDA: host -> device prefetch done
 
 
-class ActivationOffloader:
+class ActivationOffloader(KeptInputs):
     """The offloaded layer inputs of one forward pass, in layer order, and the side stream
     their copies run on. Build one per forward (`PhiForCausalLM.hidden_states` does) and call
     `checkpoint(layer, h, ...)` for each layer in order.
@@ -77,8 +72,11 @@ class ActivationOffloader:
         eagerly, so the forward must too, or their dropout draws (compiled RNG vs eager) differ."""
         if cache is not None:
             raise ValueError("offloaded gradient checkpointing is for training: it cannot fill a KV cache")
-        params = [p for p in layer.parameters() if p.requires_grad]
-        return OffloadedCheckpoint.apply(h, cos, sin, mask, layer, self, *params)
+        return super().checkpoint(layer, h, cos, sin, mask)
+
+    def keep(self, h: torch.Tensor) -> "OffloadedInput":
+        """The layer checkpoint's store: h goes to host memory (`offload`)."""
+        return self.offload(h)
 
     # -- device -> host (forward)
 
@@ -137,66 +135,3 @@ def _host_buffer(h: torch.Tensor) -> torch.Tensor:
     """An empty CPU tensor shaped like h: pinned when h is on CUDA (asynchronous copies, from
     PyTorch's caching host allocator), a plain new buffer otherwise."""
     return torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=h.is_cuda)
-
-
-def _drop_saved(tensor: torch.Tensor) -> None:
-    """saved_tensors_hooks pack: keep nothing (the recompute in backward rebuilds it)."""
-    return None
-
-
-def _never_unpacked(_) -> torch.Tensor:
-    raise RuntimeError("internal: a graph built inside an offloaded checkpoint's forward was differentiated")
-
-
-def _autocast_states(device_type: str):
-    """[(device type, enabled, dtype)] for the layer's device and the CPU, and the cache flag."""
-    types = [device_type] + ([] if device_type == "cpu" else ["cpu"])
-    states = [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types]
-    return states, torch.is_autocast_cache_enabled()
-
-
-class OffloadedCheckpoint(torch.autograd.Function):
-    """y = layer(h, cos, sin, mask) with h kept in host memory and the layer recomputed in
-    backward (see the module docstring). The inputs after `layer` and the offloader are the
-    layer's trainable parameters, so their gradients leave through this node."""
-
-    @staticmethod
-    def forward(ctx, h, cos, sin, mask, layer, offloader, *params):
-        # h (B, T, D); cos, sin (B, T, R); mask (B|1, 1, T, S) bool, a flex BlockMask, or None
-        ctx.layer, ctx.offloader, ctx.params = layer, offloader, params
-        ctx.cpu_rng = torch.get_rng_state()  # dropout draws: replayed exactly by the recompute
-        ctx.device_type = h.device.type
-        ctx.device_ids, ctx.device_rng = get_device_states(h) if h.device.type != "cpu" else ([], [])
-        ctx.autocast, ctx.autocast_cache = _autocast_states(h.device.type)
-        ctx.record = offloader.offload(h)
-        ctx.mask = None if isinstance(mask, torch.Tensor) else mask  # a BlockMask is no tensor to save
-        ctx.save_for_backward(cos, sin, mask if isinstance(mask, torch.Tensor) else None)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_saved, _never_unpacked):
-            out = layer(h.detach().requires_grad_(h.requires_grad), cos, sin, mask, None)  # (B, T, D)
-        return out.detach()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # grad_out (B, T, D) -> dL/dh (B, T, D), None for cos/sin/mask/layer/offloader, dL/dparams
-        cos, sin, mask = ctx.saved_tensors
-        mask = mask if ctx.mask is None else ctx.mask
-        h = ctx.offloader.fetch(ctx.record)  # (B, T, D) back on the device
-        need_h, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[6:]
-        rng_type = ctx.device_type if ctx.device_type != "cpu" else "cuda"
-        with torch.random.fork_rng(devices=ctx.device_ids, device_type=rng_type):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.device_ids:
-                set_device_states(ctx.device_ids, ctx.device_rng, device_type=ctx.device_type)
-            with torch.enable_grad(), contextlib.ExitStack() as stack:
-                for device_type, enabled, dtype in ctx.autocast:
-                    stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
-                                                       cache_enabled=ctx.autocast_cache))
-                h = h.detach().requires_grad_(need_h)
-                out = ctx.layer(h, cos, sin, mask, None)  # (B, T, D), recomputed
-        params = [p for p, need in zip(ctx.params, need_params) if need]
-        wanted = ([h] if need_h else []) + params
-        grads = list(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else []
-        del out, h
-        grad_h = grads.pop(0) if need_h else None
-        grad_params = [grads.pop(0) if need else None for need in need_params]
-        return (grad_h, None, None, None, None, None, *grad_params)

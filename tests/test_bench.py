@@ -312,6 +312,25 @@ def test_live_at_peak_replays_the_allocator_trace():
     assert live_at_peak(trace, root, top=1)["other_sites_bytes"] == 200
 
 
+def test_host_overhead_counts_ops_and_times_each_variant(tmp_path, capsys):
+    out = tmp_path / "host.json"
+    assert _bench_main("host_overhead", ["--layers", "2", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                                         "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    for engine in ("lora", "qlora"):
+        rows = {variant: results[f"{engine} {variant}"] for variant in
+                ("checkpoint-node", "torch-checkpoint", "no-checkpointing")}
+        assert all(row["ms_per_step"] > 0 and row["aten_ops"] > 0 for row in rows.values())
+        # recomputing costs ops; the node's machinery costs fewer than torch.utils.checkpoint's
+        assert rows["no-checkpointing"]["aten_ops"] < rows["checkpoint-node"]["aten_ops"] \
+            < rows["torch-checkpoint"]["aten_ops"]
+    assert "aten ops" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_main("host_overhead", ["--layers", "0"])
+    assert exit_info.value.code == 2
+    assert "--layers must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_collate_records_time_and_batch_bytes(tmp_path, capsys):
     out = tmp_path / "collate.json"
     record = _bench_main("collate", ["--batch", "3", "--seq", "256", "--min-length", "20", "--max-length", "90",

@@ -24,8 +24,8 @@ def _restore():
 
 def test_defaults_and_public_api():
     assert current_paths() == DEFAULT
-    assert (DEFAULT.kernels, DEFAULT.kernel_ops, DEFAULT.fused_lora, DEFAULT.packed_attention) == \
-        ("auto", (), True, "auto")
+    assert (DEFAULT.kernels, DEFAULT.kernel_ops, DEFAULT.fused_lora, DEFAULT.packed_attention,
+            DEFAULT.layer_checkpoint) == ("auto", (), True, "auto", "auto")
     assert phicore.force_paths is force_paths and phicore.set_paths is set_paths
     assert phicore.current_paths is current_paths and phicore.CodePaths is CodePaths
     with pytest.raises(AttributeError):
@@ -79,6 +79,7 @@ def test_set_paths_returns_what_it_replaced():
     (dict(kernels={"rope": "fast"}), "unknown kernel backend for rope 'fast' (one of auto, triton, torch)"),
     (dict(packed_attention="dense"), "unknown packed_attention mode 'dense' (one of auto, flex, sdpa)"),
     (dict(fused_lora="no"), "unknown fused_lora setting 'no' (one of True, False)"),
+    (dict(layer_checkpoint="reentrant"), "unknown layer_checkpoint mode 'reentrant' (one of auto, phicore, torch)"),
 ])
 def test_bad_values_are_refused_and_change_nothing(changes, message):
     with force_paths(packed_attention="flex"):

@@ -177,6 +177,18 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(one_rank_batch_4, two_ranks_b
     assert record["world_size"] == 2 and record["result"]["steps"] == 4
 
 
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_checkpointed_layers_across_ranks_equal_one_rank(base, data, cache_dir, one_rank_batch_4, tmp_path, sharding):
+    """--grad-checkpointing under DDP (phicore's checkpoint node: the adapter gradients leave it
+    as inputs, and DDP's hooks reduce them) and FSDP2 (torch.utils.checkpoint: FSDP2 gathers a
+    layer's parameters inside its forward, where the node would not see them): the adapter of one
+    rank without checkpointing."""
+    out = tmp_path / "out"
+    run_ranks([*common(base, data, cache_dir, *EQUIV), "--batch-size", 2, "--grad-checkpointing", "--out", out,
+               *(["--fsdp"] if sharding == "fsdp" else [])], 2, tmp_path / "logs")
+    assert max_diff(adapter(out), adapter(one_rank_batch_4)) <= 1e-6
+
+
 def test_grad_accum_across_ranks(base, data, cache_dir, tmp_path):
     """2 ranks x batch 1 x 2 micro-batches (no_sync on the first) = 1 rank x batch 2 x 2
     micro-batches: the same global micro-batches of 2 rows make up each step."""

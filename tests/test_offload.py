@@ -1,8 +1,9 @@
 """Offloaded gradient checkpointing (phicore/offload.py) against plain checkpointing and none.
 
-Oracles: the same model, same seed, same batch, run three ways: no checkpointing (autograd
-keeps every activation), torch.utils.checkpoint per layer (the previous path), and the
-offloaded checkpoint. Loss and every trainable gradient agree within 1e-6 absolute (fp32 on
+Oracles: the same model, same seed, same batch, run four ways: no checkpointing (autograd
+keeps every activation), torch.utils.checkpoint per layer (the path before phicore's node),
+phicore's checkpoint node (phicore/layer_checkpoint.py, the default), and the offloaded
+checkpoint (the same node, its store in host memory). Loss and every trainable gradient agree within 1e-6 absolute (fp32 on
 CPU; bit-identical in practice, as the three run the same ops in the same order), with
 dropout on everywhere the config allows (embedding, residual, attention, LoRA), so the RNG
 replay in backward is what is being checked; an NF4 base; CPU bf16 autocast (same ops, so the
@@ -22,6 +23,8 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+import phicore
+
 from phicore.config import ModelConfig
 from phicore.layers import KVCache
 from phicore.lora import apply_lora
@@ -32,7 +35,7 @@ from tiny_models import SHAPES
 from train_runs import adapter, run_main, write_jsonl
 
 TOL = dict(rtol=0.0, atol=1e-6)
-MODES = ("none", "plain", "offload")
+MODES = ("none", "torch", "plain", "offload")
 FAMILY = {"PhiConfig": "phi", "Phi3Config": "phi3"}
 
 
@@ -56,21 +59,22 @@ def _with_lora(model: PhiForCausalLM, dropout: float) -> PhiForCausalLM:
 
 
 def _step(model, mode: str, ids, seed: int = 123, autocast=None):
-    """(loss, {name: grad}) for one forward + backward in `mode` (none | plain | offload)."""
+    """(loss, {name: grad}) for one forward + backward in `mode` (none | torch | plain | offload)."""
     model.gradient_checkpointing = mode != "none"
     model.checkpoint_offload = mode == "offload"
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        loss = model(ids, labels=ids)
-    loss.backward()
+    with phicore.force_paths(layer_checkpoint="torch" if mode == "torch" else "auto"):
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = model(ids, labels=ids)
+        loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _assert_same(results):
     loss, grads = results["none"]
     assert grads and all(g.abs().max() > 0 for g in grads.values()), "a trainable parameter got no gradient"
-    for mode in ("plain", "offload"):
+    for mode in MODES[1:]:
         other_loss, other_grads = results[mode]
         torch.testing.assert_close(other_loss, loss, **TOL, msg=f"{mode}: loss")
         assert other_grads.keys() == grads.keys()
@@ -246,7 +250,8 @@ def test_offload_refuses_a_kv_cache():
 def test_cuda_offload_lowers_peak_memory_and_matches():
     """Tiny but wide (D = 1024, 8 layers, 2048 tokens, fp32): offload keeps ~2 layer inputs of 8 MiB
     on the GPU instead of 8, so the peak falls by at least half of (8 - 2) x 8 MiB; loss and
-    gradients equal plain checkpointing within 1e-5 relative (in norm: CUDA kernels, dropout
+    gradients equal plain checkpointing (phicore's node, which equals torch.utils.checkpoint's)
+    within 1e-5 relative (in norm: CUDA kernels, dropout
     replayed), and under bf16 autocast within 2e-2 (bf16 rounding)."""
     device = torch.device("cuda")
     model = _tiny("phi-3-mini-4k", hidden_size=1024, intermediate_size=1024, num_hidden_layers=8,
@@ -259,9 +264,10 @@ def test_cuda_offload_lowers_peak_memory_and_matches():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         torch.manual_seed(123)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast is not None):
-            loss = model(ids, labels=ids)
-        loss.backward()
+        with phicore.force_paths(layer_checkpoint="torch" if mode == "torch" else "auto"):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast is not None):
+                loss = model(ids, labels=ids)
+            loss.backward()
         torch.cuda.synchronize()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return loss.detach(), grads, torch.cuda.max_memory_allocated()
@@ -273,6 +279,8 @@ def test_cuda_offload_lowers_peak_memory_and_matches():
     layer_input = 2048 * 1024 * 4
     assert off_peak <= plain_peak - 3 * layer_input, (plain_peak, off_peak)
     _assert_close_norms(off_loss, off_grads, plain_loss, plain_grads, 1e-5)
+    torch_loss, torch_grads, _ = run("torch")  # phicore's checkpoint node against torch.utils.checkpoint
+    _assert_close_norms(plain_loss, plain_grads, torch_loss, torch_grads, 1e-5)
     plain_loss, plain_grads, _ = run("plain", autocast=torch.bfloat16)
     off_loss, off_grads, _ = run("offload", autocast=torch.bfloat16)
     _assert_close_norms(off_loss, off_grads, plain_loss, plain_grads, 2e-2)
