@@ -158,11 +158,14 @@ def test_fresh_run_over_checkpoints_is_refused(trained_run, data_file, capsys):
 
 # ----------------------------------------------------------------------------- resume
 
-def test_resume_is_bit_identical(bases, data_file, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_resume_is_bit_identical(bases, data_file, tmp_path, checkpointing):
     """Cosine schedule over 6 steps crossing an epoch, dropout on (RNG state matters), evals in
-    between: a run resumed from checkpoint-2 ends with the uninterrupted run's adapter, bit for bit."""
+    between: a run resumed from checkpoint-2 ends with the uninterrupted run's adapter, bit for bit.
+    Also with checkpointed layers (train.py's default), whose recompute replays the dropout draws."""
     common = ["--model", bases["tiny-phi-2"], "--data", data_file, "--max-steps", 6, "--batch-size", 2,
-              "--grad-accum", 2, "--val-split", 0.25, "--eval-every", 2, "--lora-dropout", 0.1, "--lr", 5e-3, *FAST]
+              "--grad-accum", 2, "--val-split", 0.25, "--eval-every", 2, "--lora-dropout", 0.1, "--lr", 5e-3, *FAST,
+              *(["--grad-checkpointing"] if checkpointing else [])]
     assert run_main(*common, "--out", tmp_path / "whole") == 0
 
     out = tmp_path / "cut"
