@@ -234,6 +234,10 @@ def main(argv=None, *, stdin=None, stdout=None) -> int:
         note = _hold_base_dense(args, session.model)
         if note:
             log(note)
+        if session.model.device.type == "cpu":  # once the model is built, as train.py
+            from phicore.host_memory import keep_freed_host_memory
+
+            keep_freed_host_memory()  # prefill's large blocks reused, not faulted in again (phicore/host_memory.py)
         if args.compile:
             compile_model(session.model, mode=args.compile_mode)
         _run(args, exports, settings, session, prompts, stdout, log)

@@ -143,6 +143,8 @@ PHICORE_OPTIONS = {
                 "warmup_step_s records them)", _compile("default")),
     "compile-cudagraphs": ("torch.compile with mode reduce-overhead: CUDA graphs replay each layer's kernels "
                            "(for steps bound by kernel launches, as measured on the H200)", _compile("reduce-overhead")),
+    "default-host-memory": ("on CPU, glibc's default malloc (freed large blocks unmapped), not phicore's kept "
+                            "host memory (train.py --no-keep-host-memory; phicore/host_memory.py)", None),
     "nf4-decode": ("generation from the NF4 base, not dequantised once (infer.py --dense-base no; the CPU/MPS "
                    "default dequantises when it fits)", None),
     "sdpa-attention": ("windowed or packed rows through SDPA's dense mask, not flex_attention", _sdpa_attention),
@@ -177,6 +179,10 @@ class PhicoreEngine(Engine):
         apply_lora(self.model, r=self.lora.r, alpha=self.lora.alpha, dropout=self.lora.dropout,
                    targets=self.lora.target_list())
         self.model.gradient_checkpointing = self.grad_checkpointing
+        if self.device.type == "cpu" and "default-host-memory" not in self.options:  # as train.py and infer.py
+            from phicore.host_memory import keep_freed_host_memory
+
+            keep_freed_host_memory()
         for option in self.options:
             apply = PHICORE_OPTIONS[option][1]
             if apply is not None:

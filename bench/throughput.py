@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="weights and compute dtype; auto: bf16 on cuda, fp32 on cpu/mps. Half precision "
                              "trains under autocast in that dtype; LoRA weights stay fp32 in every engine")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the shape's)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (default: the shape's): real widths with fewer layers, e.g. on a CPU")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the shape's)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per engine")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
@@ -118,6 +120,10 @@ def resolve(args: argparse.Namespace) -> dict:
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     _, default_seq, default_batch = SHAPES[args.shape]
     config = shape_config(args.shape)
+    if args.layers is not None:
+        if args.layers < 1:
+            raise UsageError(f"--layers must be at least 1, got {args.layers}")
+        config["num_hidden_layers"] = args.layers
     seq_len = args.seq_len or default_seq
     batch_size = args.batch_size or default_batch
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -278,7 +284,9 @@ def default_json_path(record: dict) -> Path:
     date, s = record["date"][:10], record["settings"]
     threads = f"-t{s['threads']}" if device["type"] == "cpu" else ""
     options = "".join(f"-{name}" for name in s.get("phicore_options", ()))
-    return RESULTS_DIR / f"{tag}-{date}-{s['shape']}-seq{s['seq_len']}-b{s['batch_size']}{threads}{options}.json"
+    layers = "" if s["model_config"]["num_hidden_layers"] == shape_config(s["shape"])["num_hidden_layers"] \
+        else f"-l{s['model_config']['num_hidden_layers']}"
+    return RESULTS_DIR / f"{tag}-{date}-{s['shape']}{layers}-seq{s['seq_len']}-b{s['batch_size']}{threads}{options}.json"
 
 
 def write_json(record: dict, path: Path) -> None:

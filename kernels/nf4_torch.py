@@ -18,7 +18,7 @@ import math
 
 import torch
 
-DEQUANT_SLICE_BYTES = 1 << 22  # packed bytes per index_select in dequantize_nf4_torch (16 MiB of int32 indices)
+DEQUANT_SLICE_BYTES = 1 << 20  # packed bytes per slice in dequantize_nf4_torch (4 MiB of int32 indices, 8 MiB of fp32 values)
 
 
 def _blockwise_scale(values: torch.Tensor, scales: torch.Tensor, blocksize: int, inplace: bool = False) -> torch.Tensor:
@@ -43,28 +43,52 @@ def nf4_absmax(state) -> torch.Tensor:
     return _blockwise_scale(codes, state.nested_absmax.float(), state.nested_blocksize) + state.offset
 
 
+def _code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: entry b holds the fp32 pair (code[b >> 4], code[b & 0xF]) as 8 bytes, so one
+    index_select fetches both values of a packed byte (~1.7x faster on CPU than gathering rows of
+    two floats, which was ~2x faster than advanced indexing with int64)."""
+    byte_values = torch.arange(256, device=code.device)
+    pairs = torch.stack((code[byte_values >> 4], code[byte_values & 0xF]), dim=1)  # (256, 2)
+    return pairs.float().contiguous().view(torch.int64).view(-1)
+
+
 def dequantize_nf4_torch(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
-    """Packed uint8 [(n+1)//2, 1] + state -> dense weight of shape state.shape in `dtype`."""
+    """Packed uint8 [(n+1)//2, 1] + state -> dense weight of shape state.shape in `dtype`.
+
+    In slices of DEQUANT_SLICE_BYTES packed bytes (whole quantisation blocks), each gathered and
+    scaled while it is still in the CPU's cache, then (for another dtype than fp32) rounded into
+    the output: one pass over the output's memory instead of three, and int32 indices for one
+    slice at a time (not 2 bytes per element of the whole weight)."""
+    if state.blocksize % 2:
+        raise ValueError(f"NF4 blocksize must be even, got {state.blocksize}")
     n = math.prod(state.shape)
-    # One gather per byte: row b of `pairs` holds (code[b >> 4], code[b & 0xF]).
-    byte_values = torch.arange(256, device=packed.device)
-    pairs = torch.stack((state.code[byte_values >> 4], state.code[byte_values & 0xF]), dim=1)  # (256, 2)
-    # Both codes of a byte in one 8-byte gather: the (256, 2) fp32 table read as (256,) int64, a 1-D
-    # index_select with int32 indices, read back as fp32 (the same bits; ~1.7x faster on CPU than
-    # gathering rows of two floats, which was ~2x faster than advanced indexing with int64).
-    table = pairs.float().contiguous().view(torch.int64).view(-1)  # (256,)
+    table = _code_pairs(state.code)  # (256,) int64
     codes = packed.reshape(-1)  # (n_bytes,) uint8
     n_bytes = codes.numel()
-    values = torch.empty(2 * n_bytes, dtype=torch.float32, device=packed.device)  # (2 n_bytes,) fp32, 2j = high
-    value_pairs = values.view(torch.int64)  # (n_bytes,)
-    # In slices, so the int32 indices never exist for the whole weight (2 bytes per element: 100 MB
-    # for Phi-3's gate_up_proj on top of its 201 MB fp32 output); each slice lands in place.
-    for start in range(0, n_bytes, DEQUANT_SLICE_BYTES):
-        stop = min(start + DEQUANT_SLICE_BYTES, n_bytes)
-        torch.index_select(table, 0, codes[start:stop].int(), out=value_pairs[start:stop])
-    # scaled in place (values is fresh): no second n-element buffer
-    weight = _blockwise_scale(values, nf4_absmax(state), state.blocksize, inplace=True)[:n]
-    return weight.view(state.shape).to(dtype)
+    scales = nf4_absmax(state)  # (n_blocks,) fp32
+    out = torch.empty(2 * n_bytes, dtype=dtype, device=packed.device)  # (2 n_bytes,): element 2j = high nibble
+    block_bytes = state.blocksize // 2  # packed bytes per quantisation block
+    step = max(block_bytes, DEQUANT_SLICE_BYTES // block_bytes * block_bytes)
+    scratch = None
+    if dtype != torch.float32:  # fp32 values of one slice, rounded into `out` after scaling
+        scratch = torch.empty(2 * min(step, n_bytes), dtype=torch.float32, device=packed.device)
+    for start in range(0, n_bytes, step):
+        stop = min(start + step, n_bytes)
+        values = out[2 * start:2 * stop] if scratch is None else scratch[:2 * (stop - start)]  # (2 (stop - start),)
+        torch.index_select(table, 0, codes[start:stop].int(), out=values.view(torch.int64))
+        _scale_whole_blocks(values, scales[start // block_bytes:], state.blocksize)
+        if scratch is not None:
+            out[2 * start:2 * stop].copy_(values)
+    return out[:n].view(state.shape)
+
+
+def _scale_whole_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> None:
+    """values (m,) fp32, in place: values[i] *= scales[i // blocksize]; values starts a block, and
+    its last block may be short (the weight's tail)."""
+    full_blocks = values.numel() // blocksize
+    values[:full_blocks * blocksize].view(full_blocks, blocksize).mul_(scales[:full_blocks].view(full_blocks, 1))
+    if values.numel() > full_blocks * blocksize:
+        values[full_blocks * blocksize:].mul_(scales[full_blocks])
 
 
 def nf4_matvec_torch(x: torch.Tensor, packed: torch.Tensor, state, bias=None) -> torch.Tensor:

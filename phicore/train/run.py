@@ -39,6 +39,7 @@ from ..lora import apply_lora
 from ..record import RunRecord
 from ..tiny import TINY_PRESETS, build_tiny
 from ..tokenizer import load_tokenizer
+from ..host_memory import keep_freed_host_memory
 from ..weights import check_model_folder, default_device, default_dtype, load_model, parse_dtype
 from .config import RunConfig, UsageError
 from .batch_size import choose_batch
@@ -302,6 +303,8 @@ def _prepare_run(config: RunConfig, start: StartPoint, dist: DistContext, log: L
         data_changes(start.saved_state.get("fingerprint", {}), fingerprint)
 
     model = _build_model(config, base, device, dist)
+    if device.type == "cpu" and config.keep_host_memory:  # after the load, whose temporaries go back as before
+        keep_freed_host_memory()  # no page-fault churn for the steps' large blocks (phicore/host_memory.py)
     seq_len = config.max_length if config.pack else int(min(config.max_length, examples.lengths.max()))
     config = choose_batch(config, model.config, device, seq_len, len(examples) // dist.world_size or 1, log,
                           model=model, saved=start.saved_config)
