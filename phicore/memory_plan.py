@@ -36,6 +36,10 @@ bf16/fp16 weights or autocast, 4 in fp32), w the bytes of a dense weight element
                       dtype in every layer and keeps for backward: B T^2 (1 + a) per layer.
     evaluation        runs under no_grad at the training batch: weights + one layer's outputs,
                       never above the training peak, so it adds nothing (stated in the plan).
+    kept host blocks  on CPU with --keep-host-memory (phicore/host_memory.py): glibc keeps the blocks
+                      a step freed, and not all fit the next step's requests, so the resident size
+                      runs above the tensors' bytes: planned as one more backward moment (measured
+                      0.74-0.77x of it at Phi-3 widths, 128 and 512 tokens).
     fixed             the framework's own memory: on CUDA the context the driver keeps (outside
                       PyTorch's allocator), on CPU the process as it stands (measured, at plan
                       time, by `fixed_overhead`).
@@ -84,6 +88,7 @@ class TrainingShape:
     offload_checkpoints: bool = False
     autocast: bool = False  # activations in a narrower dtype than the weights (LoRA saves a cast copy)
     dense_mask: bool = False  # attention takes a (B, 1, T, T) mask: padded rows, or packing/windows off CUDA
+    keep_host_memory: bool = False  # CPU with phicore.host_memory: freed blocks stay in the process
 
 
 @dataclass
@@ -281,6 +286,10 @@ def plan_training(config: ModelConfig, shape: TrainingShape, *, fixed: int = 0, 
         backward += biggest * a
         how += f" + the largest weight dequantised ({biggest / 1e6:.0f}M x {a} B)"
     plan.add("backward buffers", backward, how, "backward")
+    if shape.keep_host_memory:  # glibc keeps what the steps freed; not every block fits the next request
+        moment = plan.phase_bytes("backward")
+        plan.add("kept host blocks", moment, "freed blocks kept for the next step (--keep-host-memory): up to one "
+                 "backward moment again (measured 0.74-0.77x of it at Phi-3 widths)")
     if fixed:
         plan.add("fixed", fixed, fixed_how)
     plan.notes.append("evaluation runs without gradients at the same batch: below the training peak")

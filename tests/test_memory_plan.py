@@ -158,11 +158,12 @@ def test_bad_batch_settings_are_one_line(data, tmp_path, capsys):
 
 
 def _budget_between(batch_fits: int, batch_not: int, seq: int) -> float:
-    """--device-memory (GiB) that holds the plan at batch_fits but not at batch_not (no fixed term)."""
+    """--device-memory (GiB) that holds the plan of a CPU run at batch_fits but not at batch_not (no
+    fixed term; the kept host blocks of --keep-host-memory, its default, included)."""
     from phicore.train.batch_size import model_config_for
 
     config = model_config_for("tiny-phi-3")
-    shape = TrainingShape(batch_fits, seq, lora_r=16, lora_dropout=0.05)
+    shape = TrainingShape(batch_fits, seq, lora_r=16, lora_dropout=0.05, keep_host_memory=True)
     low = plan_training(config, shape).peak_bytes
     high = plan_training(config, replace(shape, batch_size=batch_not)).peak_bytes
     assert low < high
@@ -254,3 +255,15 @@ def test_cuda_batch_size_auto_probes_and_trains(data, tmp_path, capsys):
     assert "--batch-size auto: 8 rows" in capsys.readouterr().out
     saved = json.loads((out / "training_config.json").read_text())["config"]
     assert (saved["batch_size"], saved["grad_accum"]) == (8, 1)
+
+
+def test_kept_host_blocks_add_one_backward_moment():
+    """CPU runs keep freed blocks (phicore/host_memory.py): the plan holds one more backward moment."""
+    from phicore.train.batch_size import model_config_for
+
+    config = model_config_for("tiny-phi-3")
+    shape = TrainingShape(2, 64, lora_r=16)
+    plain, kept = plan_training(config, shape), plan_training(config, replace(shape, keep_host_memory=True))
+    moment = plain.phase_bytes("backward")
+    assert [t for t in kept.terms if t.name == "kept host blocks"][0].bytes == moment
+    assert kept.peak_bytes == plain.peak_bytes + moment

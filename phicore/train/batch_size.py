@@ -40,6 +40,7 @@ def training_shape(config: RunConfig, model_config: ModelConfig, device: torch.d
         quantize=config.quantize, double_quant=config.double_quant, lora_r=config.lora_r, targets=config.targets,
         lora_dropout=config.lora_dropout, use_dora=config.use_dora, grad_checkpointing=config.grad_checkpointing,
         offload_checkpoints=config.offload_checkpoints and device.type == "cuda",
+        keep_host_memory=config.keep_host_memory and device.type == "cpu",
         dense_mask=(batch_size > 1 and not config.pack) or (config.pack and device.type != "cuda")
         or (model_config.sliding_window is not None and seq_len > model_config.sliding_window and device.type != "cuda"),
         autocast=autocast is not None and autocast.itemsize < weights.itemsize)
