@@ -334,7 +334,11 @@ def run_engine(job: dict) -> dict:
         result["profile"] = profile_step(engine, batch, optimizer, params, job, dtype)
     if job.get("memory_peak_dir"):
         log(f"  {job['engine']}: one step with the allocator's history")
-        result["memory_peak"] = memory_peak_step(engine, batch, optimizer, params, job, dtype)
+        try:
+            result["memory_peak"] = memory_peak_step(engine, batch, optimizer, params, job, dtype)
+        except Exception as err:  # noqa: BLE001 - a diagnostic: the engine's timings still count
+            result["memory_peak"] = {"error": f"{type(err).__name__}: {err}"}
+            log(f"  {job['engine']}: the allocator-history step failed: {err}")
     optimizer.zero_grad(set_to_none=True)
     if job["new_tokens"] > 0:
         log(f"  {job['engine']}: generation, prompt {job['prompt_len']}, {job['new_tokens']} new tokens")

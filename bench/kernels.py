@@ -122,6 +122,15 @@ def time_call(fn, device: torch.device, repeats: int, warmup: int = 2) -> list:
 
 
 def device_seconds_per_call(fn, device: torch.device, calls: int = 20) -> dict | None:
+    """`_device_seconds_per_call`, or {"device_time_error": why} when it fails: a first run on a new
+    GPU or torch must not lose the rest of the table to it."""
+    try:
+        return _device_seconds_per_call(fn, device, calls)
+    except Exception as err:  # noqa: BLE001 - recorded in the results instead
+        return {"device_time_error": f"{type(err).__name__}: {err}"}
+
+
+def _device_seconds_per_call(fn, device: torch.device, calls: int = 20) -> dict | None:
     """GPU seconds per call with the host's launch cost taken out; None off CUDA.
 
     `time_call` times each call from the host, launch included: on a host slower than the GPU
@@ -197,7 +206,9 @@ def copy_bandwidth(nbytes: int, device: torch.device, repeats: int) -> dict:
     out = {"bytes": nbytes, "median_s": median, "gb_per_s": 2 * nbytes / median / 1e9}
     device_time = device_seconds_per_call(lambda: dst.copy_(src), device)
     if device_time is not None:
-        out.update(device_time, device_gb_per_s=2 * nbytes / device_time["device_s"] / 1e9)
+        out.update(device_time)
+        if "device_s" in device_time:
+            out["device_gb_per_s"] = 2 * nbytes / device_time["device_s"] / 1e9
     return out
 
 
@@ -290,7 +301,9 @@ def run_gemv(shapes: list, rows: int, dtype: torch.dtype, device: torch.device, 
                              "gb_per_s": read / median / 1e9, "max_rel_diff_vs_torch": diff})
             device_time = device_seconds_per_call(fn, device)
             if device_time is not None:
-                rows_out[-1].update(device_time, device_gb_per_s=read / device_time["device_s"] / 1e9)
+                rows_out[-1].update(device_time)
+                if "device_s" in device_time:
+                    rows_out[-1]["device_gb_per_s"] = read / device_time["device_s"] / 1e9
         dense = next((r["median_s"] for r in rows_out if r["backend"] == "dequant+matmul"), None)
         for r in rows_out:
             r["speedup_vs_dequant_matmul"] = None if dense is None else dense / r["median_s"]
@@ -362,9 +375,11 @@ def run(args: argparse.Namespace, argv: list) -> dict:
                          "max_abs_diff_vs_torch": diff, "call_peak_bytes": peak})
             device_time = device_seconds_per_call(fn, device)
             if device_time is not None:  # the kernel alone, launch excluded (CUDA)
-                device_gb_per_s = counted["total"] / device_time["device_s"] / 1e9
-                rows[-1].update(device_time, device_gb_per_s=device_gb_per_s,
-                                device_fraction_of_copy=device_gb_per_s / record["copy"]["device_gb_per_s"])
+                rows[-1].update(device_time)
+                if "device_s" in device_time and "device_gb_per_s" in record["copy"]:
+                    device_gb_per_s = counted["total"] / device_time["device_s"] / 1e9
+                    rows[-1].update(device_gb_per_s=device_gb_per_s,
+                                    device_fraction_of_copy=device_gb_per_s / record["copy"]["device_gb_per_s"])
         record["results"] += rows
     g = record["gemv"]
     g["results"] = run_gemv(gemv_shapes, args.gemv_rows, dtype, device, repeats, list(GEMV_BACKENDS), g["skipped"])

@@ -274,6 +274,13 @@ def test_kernel_device_time_excludes_launches(monkeypatch, host_s_per_call):
     else:
         assert len(gpu.spins) == 2
 
+    def no_spin(cycles):
+        raise RuntimeError("no _sleep here")
+
+    monkeypatch.setattr(torch.cuda, "_sleep", no_spin)  # a failure is recorded, the bench goes on
+    assert bench_kernels.device_seconds_per_call(gpu.call, torch.device("cuda")) == {
+        "device_time_error": "RuntimeError: no _sleep here"}
+
 
 def test_live_at_peak_replays_the_allocator_trace():
     """bench/_measure.live_at_peak: the peak above the trace's start and what is alive then, by the
