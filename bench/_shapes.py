@@ -136,3 +136,16 @@ def training_flops_per_token(config: dict, seq_len: int) -> dict:
     mean_keys = (seq_len + 1) / 2
     attention_forward = 4 * mean_keys * H * d * L
     return {"matmul_params": N, "linear": 4 * N, "attention": 3 * attention_forward}
+
+
+def planned_training(settings: dict, quantize):
+    """The memory planner's plan (phicore.memory_plan.plan_training) for a bench/throughput.py
+    run's settings on a GPU (bf16 weights and activations): its model_config, batch, length, LoRA
+    and checkpointing; `quantize` "nf4" for the QLoRA engines, else None."""
+    from phicore.config import ModelConfig
+    from phicore.memory_plan import TrainingShape, plan_training
+
+    shape = TrainingShape(batch_size=settings["batch_size"], seq_len=settings["seq_len"], weight_bytes=2,
+                          activation_bytes=2, quantize=quantize, lora_r=settings["lora"]["r"],
+                          lora_dropout=settings["lora"]["dropout"], grad_checkpointing=settings["grad_checkpointing"])
+    return plan_training(ModelConfig.from_dict(settings["model_config"]), shape)

@@ -193,13 +193,9 @@ def memory_peak_step(engine, batch, optimizer, params, job: dict, autocast_dtype
     result = {"allocated_at_start_bytes": start, "max_allocated_bytes": torch.cuda.max_memory_allocated(device),
               **found}
     if isinstance(engine, PhicoreEngine):
-        from phicore.config import ModelConfig
-        from phicore.memory_plan import TrainingShape, plan_training
+        from bench._shapes import planned_training
 
-        plan = plan_training(ModelConfig.from_dict(job["model_config"]), TrainingShape(
-            batch_size=job["batch_size"], seq_len=job["seq_len"], weight_bytes=2, activation_bytes=2,
-            quantize="nf4" if engine.quantize else None, lora_r=job["lora"]["r"],
-            lora_dropout=job["lora"]["dropout"], grad_checkpointing=job["grad_checkpointing"]))
+        plan = planned_training(job, "nf4" if engine.quantize else None)  # the job carries the run's settings
         result["planner"] = {"peak_bytes": plan.peak_bytes, "terms": {t.name: t.bytes for t in plan.terms}}
     lines = [f"{job['engine']}: one training step, CUDA allocator history",
              f"allocated at start {start / 2**20:.1f} MiB; max allocated {result['max_allocated_bytes'] / 2**20:.1f} MiB; "

@@ -126,23 +126,17 @@ def measure(name: str) -> dict:
 def compare_gpu(paths) -> list:
     """The planner against the CUDA peaks (max allocated) that bench/throughput.py measured for
     phicore's engines (bf16, autocast, checkpointing on)."""
-    from _shapes import shape_config
-    from phicore.config import ModelConfig
-    from phicore.memory_plan import TrainingShape, plan_training
+    from _shapes import planned_training
 
     rows = []
     for path in paths:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
         settings = record["settings"]
-        config = ModelConfig.from_dict(shape_config(settings["shape"]))
         for engine, quantize in (("phicore-qlora", "nf4"), ("phicore-lora", None)):
             result = record["engines"].get(engine, {})
             if "peak_mem_bytes" not in result:
                 continue
-            shape = TrainingShape(batch_size=settings["batch_size"], seq_len=settings["seq_len"], weight_bytes=2,
-                                  activation_bytes=2, quantize=quantize, lora_r=settings["lora"]["r"],
-                                  lora_dropout=settings["lora"]["dropout"], grad_checkpointing=settings["grad_checkpointing"])
-            predicted = plan_training(config, shape).peak_bytes
+            predicted = planned_training(settings, quantize).peak_bytes
             rows.append({"file": str(path), "device": record["device"].get("name"), "shape": settings["shape"],
                          "engine": engine, "measured_max_allocated": result["peak_mem_bytes"],
                          "predicted": predicted, "ratio": predicted / result["peak_mem_bytes"]})

@@ -21,26 +21,14 @@ import torch
 DEQUANT_SLICE_BYTES = 1 << 20  # packed bytes per slice in dequantize_nf4_torch (4 MiB of int32 indices, 8 MiB of fp32 values)
 
 
-def _blockwise_scale(values: torch.Tensor, scales: torch.Tensor, blocksize: int, inplace: bool = False) -> torch.Tensor:
-    """values (n,) fp32 * scales[i // blocksize] -> (n,) fp32; n need not divide by blocksize.
-    inplace: multiply `values` itself when no padding is needed (a fresh tensor the caller owns)."""
-    n = values.numel()
-    n_blocks = scales.numel()
-    pad = n_blocks * blocksize - n
-    if pad:
-        values = torch.nn.functional.pad(values, (0, pad))
-    if inplace or pad:  # a padded copy is ours to scale in place too
-        return values.view(n_blocks, blocksize).mul_(scales.view(n_blocks, 1)).view(-1)[:n]
-    return (values.view(n_blocks, blocksize) * scales.view(n_blocks, 1)).view(-1)[:n]
-
-
 def nf4_absmax(state) -> torch.Tensor:
     """Per-block float32 absmax, undoing the 8-bit double quantisation when there is one."""
     if state.nested_absmax is None:
         return state.absmax.float()
-    codes = state.nested_code[state.absmax.long()]  # (n_blocks,) fp32
+    codes = state.nested_code[state.absmax.long()].float()  # (n_blocks,) fp32, a fresh tensor: scaled in place
     # Two roundings (multiply, then add), exactly as bitsandbytes: no fused multiply-add.
-    return _blockwise_scale(codes, state.nested_absmax.float(), state.nested_blocksize) + state.offset
+    _scale_whole_blocks(codes, state.nested_absmax.float(), state.nested_blocksize)
+    return codes + state.offset
 
 
 def _code_pairs(code: torch.Tensor) -> torch.Tensor:

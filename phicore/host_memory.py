@@ -7,8 +7,7 @@ layers in fp32; activations of long rows), and the kernel zero-fills every page 
 first touch. Measured at Phi-3-mini widths, 2 layers, one row, 2 threads (bench/throughput.py
 --layers 2, phicore-qlora; `bench/results/cpu-2026-11-26-phi-3-mini-4k-l2-*`): a step of 128
 tokens 2.93 s -> 1.78 s, of 512 tokens 6.71 s -> 4.85 s; peak resident memory 1.41 -> 1.59 GB
-and 1.81 -> 2.09 GB. Over 24 steps of 32-256 tokens the resident size grew 1.85 -> 2.03 GB in
-the first dozen steps and then held (freed blocks of other sizes are reused, not leaked).
+and 1.81 -> 2.09 GB.
 
 `keep_freed_host_memory()` raises the mmap threshold and the trim threshold (glibc `mallopt`), so
 large blocks come from the heap and stay there once freed: the next step's blocks of the same

@@ -7,8 +7,9 @@ through a pack hook with its own holder, recomputes lazily from the first unpack
 each recomputed tensor's shape and dtype against the forward's. That is host time, and the H200
 training steps were bound by host time (bench/NOTES.md: 111 ms of GPU work in a 263-340 ms step).
 At negligible compute (32 layers of width 64, 16 tokens, one CPU thread: pure host cost) a LoRA
-step costs 98-105 ms through torch.utils.checkpoint and 74-78 ms through this node
-(`python bench/host_overhead.py`).
+step of the Phi-3 layout costs 98.7 ms through torch.utils.checkpoint and 81.4 ms through this
+node, Phi-2's 118.7 and 91.3 ms (`python bench/host_overhead.py [--shape phi-2]`,
+bench/results/host-overhead-cpu-2026-11-26-*.json).
 
 The node (`LayerCheckpoint`), per layer:
     forward:  keep the input h (`store.keep`: the tensor itself here; phicore.offload's store
